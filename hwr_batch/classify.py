@@ -1,0 +1,123 @@
+"""Classify normalised digits with the exported ONNX model (ONNX Runtime; no TensorFlow)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+from .normalise import DIGIT_LABELS, IMAGE_SIZE
+
+MODEL_ENV = "HWR_BATCH_MODEL"
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "hwr-digits.onnx"
+BATCH_SIZE = 4096  # digits per ONNX Runtime call: large enough to amortise the call, small enough for memory
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A loaded model: an ONNX Runtime session and what it predicts.
+
+    Attributes:
+        session: the ``onnxruntime.InferenceSession``.
+        labels: one character per class, in output order (``"0123456789"`` for digits).
+        path: the model file.
+        sha256: hex digest of the model file: its identity in run records and the state database.
+    """
+
+    session: object
+    labels: str
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Top-two classes per digit.
+
+    Attributes:
+        label: (N,) int class index of the best guess.
+        confidence: (N,) float32 softmax probability of ``label``.
+        second: (N,) int class index of the runner-up.
+        second_confidence: (N,) float32 its probability.
+    """
+
+    label: np.ndarray
+    confidence: np.ndarray
+    second: np.ndarray
+    second_confidence: np.ndarray
+
+
+def default_model_path() -> Path:
+    """``$HWR_BATCH_MODEL`` if set, else the model that ships in ``models/``."""
+    return Path(os.environ.get(MODEL_ENV) or SHIPPED_MODEL)
+
+
+def load_classifier(path: Path | None = None, *, threads: int = 0) -> Classifier:
+    """Open an ONNX model for inference.
+
+    Args:
+        path: ``.onnx`` file; default :func:`default_model_path`.
+        threads: intra-op threads for ONNX Runtime; 0 lets it use every core.
+
+    Raises:
+        ModelError: the file is missing or is not a usable ONNX model.
+    """
+    import onnxruntime as ort
+
+    path = Path(path) if path else default_model_path()
+    if path.suffix == ".keras":
+        path = path.with_suffix(".onnx")  # train writes both; inference runs the ONNX twin
+    try:
+        model_bytes = path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read model ({e.strerror or e}). Give --model an .onnx file made by `hwr-batch train`.") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise ModelError(f"{path}: not a usable ONNX model ({e})") from None
+    shape = session.get_inputs()[0].shape
+    if list(shape[1:]) != [IMAGE_SIZE, IMAGE_SIZE, 1]:
+        raise ModelError(f"{path}: model input is {shape}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1)")
+    labels = session.get_modelmeta().custom_metadata_map.get("labels", DIGIT_LABELS)
+    classes = session.get_outputs()[0].shape[-1]
+    if isinstance(classes, int) and classes != len(labels):
+        raise ModelError(f"{path}: model has {classes} outputs but {len(labels)} labels in its metadata")
+    return Classifier(session, labels, path, hashlib.sha256(model_bytes).hexdigest())
+
+
+def predict_proba(classifier: Classifier, images: np.ndarray, *, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Class probabilities for a stack of normalised digits.
+
+    Args:
+        images: (N, 28, 28) or (N, 28, 28, 1); float in [0, 1] or uint8 in [0, 255]; white on black.
+
+    Returns:
+        (N, classes) float32 softmax probabilities.
+    """
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
+        raise ValueError(f"images must have shape (N, 28, 28[, 1]), got {images.shape}")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+    session = classifier.session
+    name = session.get_inputs()[0].name
+    if len(x) == 0:
+        return np.zeros((0, len(classifier.labels)), np.float32)
+    chunks = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(chunks)
+
+
+def top_two(probabilities: np.ndarray) -> Predictions:
+    """Best and second-best class and their probabilities, per row of ``probabilities`` (N, classes)."""
+    order = np.argsort(probabilities, axis=1)
+    best, second = order[:, -1], order[:, -2]
+    rows = np.arange(len(probabilities))
+    return Predictions(best, probabilities[rows, best], second, probabilities[rows, second])

@@ -1,0 +1,357 @@
+"""Train the CNN on MNIST: prepare_data -> build_model -> train -> save (Keras, ONNX, record, curves).
+
+The only module that imports TensorFlow/Keras, and only inside functions, so that the rest of
+the package (and ``hwr-batch --help``) starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .mnist import SPLIT_FILES, LabelledImages, default_data_dir, load_mnist, verify_mnist
+from .normalise import DIGIT_LABELS, INPUT_SHAPE, LETTER_LABELS
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "hwr-digits"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. Saved in the run record."""
+
+    epochs: int = 40  # upper bound; early stopping usually ends the run sooner
+    batch_size: int = 128
+    learning_rate: float = 1e-3  # Adam; halved when validation loss stalls
+    lr_patience: int = 2
+    min_learning_rate: float = 1e-5
+    early_stop_patience: int = 6
+    validation_size: int = 5000  # held out (stratified) from the 60,000 training images
+    seed: int = 20261123
+    augment: bool = True
+    # Augmentation, drawn independently per image each epoch (see augment_batch).
+    max_rotation_deg: float = 12.0
+    max_shear: float = 0.25  # x-shear factor, as slanted handwriting
+    scale_range: tuple[float, float] = (0.8, 1.1)
+    max_shift_px: float = 2.5
+    stroke_change_prob: float = 0.3  # chance each of thinning and of thickening the strokes
+    limit: int | None = None  # train on the first `limit` images only (tests, quick looks)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run wrote and how it went."""
+
+    keras_path: Path
+    onnx_path: Path
+    record_path: Path
+    curves_path: Path
+    history: dict[str, list[float]]
+    best_val_accuracy: float
+
+
+def labels_for(num_classes: int) -> str:
+    """Class labels for a model with ``num_classes`` outputs: digits (10) or letters (26)."""
+    if num_classes == len(DIGIT_LABELS):
+        return DIGIT_LABELS
+    if num_classes == len(LETTER_LABELS):
+        return LETTER_LABELS
+    return "".join(chr(ord("A") + i) for i in range(num_classes))
+
+
+def split_train_validation(
+    data: LabelledImages, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified, seeded split into training and validation arrays, scaled to [0, 1], shape (N, 28, 28, 1)."""
+    from sklearn.model_selection import train_test_split
+
+    images, labels = data.images, data.labels
+    if config.limit:
+        images, labels = images[: config.limit], labels[: config.limit]
+    validation_size = min(config.validation_size, len(labels) // 5)
+    x_train, x_val, y_train, y_val = train_test_split(
+        images, labels, test_size=validation_size, stratify=labels, random_state=config.seed
+    )
+    # Scale to [0, 1] and add the channel axis: (N, 28, 28) uint8 -> (N, 28, 28, 1) float32.
+    def scale(x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float32) / 255.0)[..., None]
+
+    return scale(x_train), y_train, scale(x_val), y_val
+
+
+def build_model(num_classes: int = len(DIGIT_LABELS)) -> keras.Model:
+    """The original design's CNN; the one place the architecture is defined.
+
+    Conv2D(32, 3x3, relu) -> MaxPool(2) -> Conv2D(32, 3x3, relu) -> MaxPool(2) -> Flatten (800)
+    -> Dense(512, relu) -> Dense(num_classes, softmax): 424,810 parameters for 10 classes,
+    433,018 for 26.
+    """
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=INPUT_SHAPE),  # (28, 28, 1) float32 in [0, 1]
+            layers.Conv2D(32, 3, activation="relu"),  # -> (26, 26, 32)
+            layers.MaxPooling2D(2),  # -> (13, 13, 32)
+            layers.Conv2D(32, 3, activation="relu"),  # -> (11, 11, 32)
+            layers.MaxPooling2D(2),  # -> (5, 5, 32)
+            layers.Flatten(),  # -> (800,)
+            layers.Dense(512, activation="relu"),
+            layers.Dense(num_classes, activation="softmax"),
+        ],
+        name="hwr_cnn",
+    )
+
+
+def augment_batch(images: tf.Tensor, config: TrainConfig) -> tf.Tensor:
+    """Distort a batch the way scanned handwriting varies: slant, rotation, size, position, pen width.
+
+    Args:
+        images: (B, 28, 28, 1) float32 in [0, 1].
+
+    Returns:
+        The same shape and range, each image with its own random affine warp and stroke change.
+    """
+    import tensorflow as tf
+    from keras import ops
+
+    batch = tf.shape(images)[0]
+
+    def uniform(low: float, high: float) -> tf.Tensor:
+        return tf.random.uniform([batch], low, high)
+
+    # Pen width: thicken (grey dilation) or thin (grey erosion) some images by a 2x2 neighbourhood.
+    thick = tf.nn.max_pool2d(images, 2, 1, "SAME")
+    thin = -tf.nn.max_pool2d(-images, 2, 1, "SAME")
+    choice = uniform(0.0, 1.0)[:, None, None, None]
+    p = config.stroke_change_prob
+    images = tf.where(choice < p, thick, tf.where(choice < 2 * p, thin, images))
+
+    # One affine map per image: forward = rotation . shear . scale, about the image centre.
+    angle = uniform(-config.max_rotation_deg, config.max_rotation_deg) * (math.pi / 180)
+    shear = uniform(-config.max_shear, config.max_shear)
+    scale = uniform(*config.scale_range)
+    shift_x = uniform(-config.max_shift_px, config.max_shift_px)
+    shift_y = uniform(-config.max_shift_px, config.max_shift_px)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # forward [[a, b], [c, d]] = R(angle) @ [[1, shear], [0, 1]] @ scale
+    a, b = cos * scale, (cos * shear - sin) * scale
+    c, d = sin * scale, (sin * shear + cos) * scale
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det  # inverse: output pixel -> input pixel
+    centre = (INPUT_SHAPE[0] - 1) / 2
+    ox, oy = centre + shift_x, centre + shift_y
+    transform = tf.stack(
+        [ia, ib, centre - ia * ox - ib * oy, ic, id_, centre - ic * ox - id_ * oy, tf.zeros([batch]), tf.zeros([batch])],
+        axis=1,
+    )
+    warped = ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="constant")
+    return tf.clip_by_value(warped, 0.0, 1.0)
+
+
+def make_dataset(
+    x: np.ndarray, y: np.ndarray, config: TrainConfig, *, training: bool
+) -> tf.data.Dataset:
+    """A tf.data pipeline: shuffled and augmented for training, plain for validation."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        ds = ds.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(config.batch_size)
+    if training and config.augment:
+        ds = ds.map(lambda images, labels: (augment_batch(images, config), labels), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class _EpochLog:
+    """Keras callback factory: one log line per epoch (stderr), for runs nobody watches."""
+
+    @staticmethod
+    def make() -> keras.callbacks.Callback:
+        import keras
+
+        class EpochLog(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+                self.started = time.monotonic()
+
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                logs = logs or {}
+                shown = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                log.info("epoch %d: %s (%.1f s)", epoch + 1, shown, time.monotonic() - self.started)
+
+        return EpochLog()
+
+
+def train(
+    out_dir: Path,
+    *,
+    data: LabelledImages | None = None,
+    data_dir: Path | None = None,
+    config: TrainConfig = TrainConfig(),
+    name: str = MODEL_NAME,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train the CNN (on MNIST by default) and write ``<name>.keras``, ``<name>.onnx``, ``<name>.json`` and a curves PNG.
+
+    Args:
+        out_dir: folder for the outputs (created if needed).
+        data: training images to use instead of MNIST's (e.g. another IDX set); not checksummed.
+        data_dir: folder with the MNIST IDX files (default :func:`hwr_batch.mnist.default_data_dir`),
+            used when ``data`` is not given; the files' checksums are verified.
+        config: hyper-parameters and augmentation.
+        name: base name of the output files.
+        progress: show Keras' per-batch progress bar; default only when stderr is a terminal.
+    """
+    import keras
+
+    started = time.time()
+    checksums: dict[str, str] = {}
+    if data is None:
+        data_dir = Path(data_dir) if data_dir else default_data_dir()
+        checksums = verify_mnist(data_dir, SPLIT_FILES["train"])
+        data = load_mnist("train", data_dir, verify=False)
+    keras.utils.set_random_seed(config.seed)
+    x_train, y_train, x_val, y_val = split_train_validation(data, config)
+    num_classes = int(data.labels.max()) + 1
+    model = build_model(num_classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.lr_patience, min_lr=config.min_learning_rate
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stop_patience, restore_best_weights=True
+        ),
+        _EpochLog.make(),
+    ]
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    fit = model.fit(
+        make_dataset(x_train, y_train, config, training=True),
+        validation_data=make_dataset(x_val, y_val, config, training=False),
+        epochs=config.epochs,
+        callbacks=callbacks,
+        verbose=1 if show_bar else 0,
+    )
+    history = {k: [float(v) for v in values] for k, values in fit.history.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras_path = out_dir / f"{name}.keras"
+    model.save(keras_path)
+    labels = labels_for(num_classes)
+    onnx_path = export_onnx(model, out_dir / f"{name}.onnx", labels=labels)
+    best = int(np.argmin(history["val_loss"]))
+    record = {
+        "model": name,
+        "architecture": _architecture(model),
+        "parameters": int(model.count_params()),
+        "labels": labels,
+        "data": {
+            "source": data.source,
+            "sha256": checksums,
+            "train_images": len(y_train),
+            "validation_images": len(y_val),
+        },
+        "config": asdict(config),
+        "epochs_run": len(history["loss"]),
+        "best_epoch": best + 1,
+        "best_val_accuracy": history["val_accuracy"][best],
+        "history": history,
+        "seconds": round(time.time() - started, 1),
+        "environment": _environment(),
+        "outputs": {"keras": keras_path.name, "onnx": onnx_path.name},
+    }
+    record_path = out_dir / f"{name}.json"
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    curves_path = plot_history(history, out_dir / f"{name}-curves.png")
+    log.info("wrote %s, %s, %s, %s", keras_path, onnx_path, record_path, curves_path)
+    return TrainResult(keras_path, onnx_path, record_path, curves_path, history, history["val_accuracy"][best])
+
+
+def export_onnx(model: keras.Model | Path, onnx_path: Path, *, labels: str | None = None) -> Path:
+    """Convert a Keras model (or a saved ``.keras`` file) to ONNX for inference without TensorFlow.
+
+    tf2onnx's ``from_keras`` does not handle Keras 3 models, so the model is wrapped in a
+    ``tf.function`` and converted with ``from_function``. The class labels go in the ONNX
+    metadata (``labels``) so the file is self-describing.
+    """
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    if not isinstance(model, keras.Model):
+        model = keras.models.load_model(model)
+    if labels is None:
+        labels = labels_for(int(model.output_shape[-1]))
+    signature = [tf.TensorSpec((None, *INPUT_SHAPE), tf.float32, name="image")]
+    function = tf.function(lambda image: model(image, training=False), input_signature=signature)
+    proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=17)
+    for key, value in {"labels": labels, "producer": "hwr_batch.train.export_onnx"}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx_path = Path(onnx_path)
+    onnx_path.write_bytes(proto.SerializeToString())
+    return onnx_path
+
+
+def plot_history(history: dict[str, list[float]], path: Path) -> Path:
+    """Save training and validation loss and accuracy per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history["loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.plot(epochs, history[metric], label=f"training {metric}")
+        ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _architecture(model: keras.Model) -> list[dict[str, Any]]:
+    return [
+        {"layer": layer.__class__.__name__, "output_shape": list(layer.output.shape[1:]), "parameters": layer.count_params()}
+        for layer in model.layers
+    ]
+
+
+def _environment() -> dict[str, str]:
+    import os
+
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "machine": platform.machine(),
+        "cpus": str(os.cpu_count()),
+    }

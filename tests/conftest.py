@@ -1,0 +1,90 @@
+"""Shared fixtures: where the test data and the shipped model are, and how to run the CLI.
+
+Tests that need the full MNIST files or the real scans find them through environment variables
+(HWR_BATCH_TEST_DATA: the folder holding mnist/ and real/) or beside the repository at
+../shared/data, and skip with the reason when they are absent. Everything else uses the small
+fixtures in tests/fixtures, so the suite passes in a fresh clone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hwr_batch.mnist import LabelledImages, load_idx_pair
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHIPPED_ONNX = REPO / "models" / "hwr-digits.onnx"
+
+
+def shared_data_dir() -> Path:
+    """Folder with the full data sets: $HWR_BATCH_TEST_DATA, else ../shared/data beside the repository."""
+    return Path(os.environ.get("HWR_BATCH_TEST_DATA") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The full, original MNIST files; skips the test where they are absent."""
+    path = shared_data_dir() / "mnist"
+    if not (path / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"full MNIST not found at {path} (set HWR_BATCH_TEST_DATA to the folder holding mnist/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real scans with ground truth; skips the test where they are absent."""
+    path = Path(os.environ.get("HWR_BATCH_REAL_DATA") or shared_data_dir() / "real")
+    if not (path / "orand_car_a" / "truth.csv").is_file():
+        pytest.skip(f"real scans not found at {path} (set HWR_BATCH_REAL_DATA or HWR_BATCH_TEST_DATA)")
+    return path
+
+
+def fixture_idx(split: str) -> tuple[Path, Path]:
+    """The small IDX fixture pair: 600 MNIST training or 300 MNIST test digits, gzipped IDX like the originals."""
+    count = {"train": 600, "test": 300}[split]
+    return (
+        FIXTURES / f"mnist-{split}-{count}-images-idx3-ubyte.gz",
+        FIXTURES / f"mnist-{split}-{count}-labels-idx1-ubyte.gz",
+    )
+
+
+@pytest.fixture(scope="session")
+def mnist_test_small() -> LabelledImages:
+    """The first 300 MNIST test digits (ships with the tests)."""
+    return load_idx_pair(*fixture_idx("test"))
+
+
+@pytest.fixture(scope="session")
+def mnist_train_small() -> LabelledImages:
+    """The first 600 MNIST training digits (ships with the tests)."""
+    return load_idx_pair(*fixture_idx("train"))
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The trained model in models/: it ships with the repository, so its absence is a failure."""
+    assert SHIPPED_ONNX.is_file(), f"the shipped model {SHIPPED_ONNX} is missing"
+    return SHIPPED_ONNX
+
+
+@pytest.fixture
+def cli():
+    """Run the real `hwr-batch` command line in a subprocess; returns the CompletedProcess."""
+
+    def run(*args: str | os.PathLike, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+        return subprocess.run(
+            [sys.executable, "-m", "hwr_batch", *map(str, args)],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run

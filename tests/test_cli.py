@@ -1,0 +1,90 @@
+"""The command line, run as a real subprocess: help, version, exit codes, train and evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import fixture_idx
+from hwr_batch.errors import ExitCode
+
+
+def test_help_lists_the_commands_and_exit_codes(cli):
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("process", "train", "evaluate", "export-onnx", "download-mnist"):
+        assert command in result.stdout
+    assert "130 interrupted" in result.stdout
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("hwr-batch 0.")
+
+
+def test_help_does_not_import_the_heavy_libraries():
+    code = "import sys; import hwr_batch.cli; print(sorted(m for m in ('tensorflow', 'cv2', 'onnxruntime', 'pandas') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_option_is_a_usage_error(cli):
+    result = cli("evaluate", "--no-such-option")
+    assert result.returncode == ExitCode.bad_args
+    assert "No such option" in result.stderr
+
+
+def test_images_without_labels_is_a_usage_error(cli):
+    images, _ = fixture_idx("test")
+    result = cli("evaluate", "--images", images)
+    assert result.returncode == ExitCode.bad_args
+    assert "--images and --labels go together" in result.stderr
+
+
+def test_missing_model_exit_code_and_message(cli, tmp_path):
+    images, labels = fixture_idx("test")
+    result = cli("evaluate", "--model", tmp_path / "missing.onnx", "--images", images, "--labels", labels)
+    assert result.returncode == ExitCode.model
+    assert "missing.onnx: cannot read model" in result.stderr
+
+
+def test_missing_mnist_names_the_file(cli, tmp_path, shipped_model):
+    result = cli("evaluate", "--data-dir", tmp_path)
+    assert result.returncode == ExitCode.input_file
+    assert "t10k-images-idx3-ubyte.gz: MNIST file not found" in result.stderr
+
+
+def test_evaluate_an_idx_pair(cli, tmp_path, shipped_model):
+    images, labels = fixture_idx("test")
+    result = cli("evaluate", "--images", images, "--labels", labels, "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["images"] == 300 and metrics["accuracy"] >= 0.99
+    assert f"accuracy   {metrics['accuracy']:.4f}" in result.stdout
+    assert (tmp_path / "report" / "confusion_matrix.png").is_file()
+    assert (tmp_path / "report" / "worst_mistakes.png").is_file()
+
+
+def test_evaluate_mnist_test_set(cli, tmp_path, shipped_model, mnist_dir):
+    result = cli("evaluate", "--data-dir", mnist_dir, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] >= 0.994
+
+
+@pytest.mark.slow
+def test_train_from_the_command_line(cli, tmp_path):
+    images, labels = fixture_idx("train")
+    result = cli(
+        "train", "--images", images, "--labels", labels, "--epochs", "2", "--validation-size", "100",
+        "--batch-size", "64", "--out", tmp_path, "--name", "cli-model",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "best validation accuracy" in result.stdout
+    for suffix in (".keras", ".onnx", ".json", "-curves.png"):
+        assert (tmp_path / f"cli-model{suffix}").is_file()
+    record = json.loads((tmp_path / "cli-model.json").read_text())
+    assert record["epochs_run"] == 2 and record["data"]["train_images"] == 500
+    assert "epoch 2:" in result.stderr  # one log line per epoch goes to stderr

@@ -1,0 +1,73 @@
+"""The CNN's architecture, the augmentation, and a short real training run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from hwr_batch.classify import load_classifier, predict_proba
+from hwr_batch.train import TrainConfig, augment_batch, build_model, train
+
+keras = pytest.importorskip("keras")
+
+
+def test_digit_model_matches_the_original_design():
+    model = build_model(10)
+    assert model.count_params() == 424_810
+    shapes = [tuple(layer.output.shape[1:]) for layer in model.layers]
+    assert shapes == [(26, 26, 32), (13, 13, 32), (11, 11, 32), (5, 5, 32), (800,), (512,), (10,)]
+    assert [layer.__class__.__name__ for layer in model.layers] == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense",
+    ]
+
+
+def test_letter_model_has_the_original_designs_433018_parameters():
+    model = build_model(26)
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    assert model.count_params() == 433_018
+    assert "433,018" in "\n".join(lines)
+
+
+def test_augmentation_without_distortion_is_the_identity(mnist_train_small):
+    images = mnist_train_small.images[:64, :, :, None].astype(np.float32) / 255
+    still = replace(
+        TrainConfig(), max_rotation_deg=0.0, max_shear=0.0, scale_range=(1.0, 1.0), max_shift_px=0.0, stroke_change_prob=0.0
+    )
+    np.testing.assert_allclose(np.asarray(augment_batch(images, still)), images, atol=1e-5)
+
+
+def test_augmentation_distorts_but_keeps_shape_range_and_most_ink(mnist_train_small):
+    images = mnist_train_small.images[:64, :, :, None].astype(np.float32) / 255
+    out = np.asarray(augment_batch(images, TrainConfig()))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    changed = np.abs(out - images).reshape(64, -1).max(axis=1) > 0.1
+    assert changed.mean() > 0.9  # (nearly) every image is distorted ...
+    ink_ratio = out.reshape(64, -1).sum(1) / images.reshape(64, -1).sum(1)
+    assert np.all((ink_ratio > 0.15) & (ink_ratio < 3))  # thinned or thickened, never erased or smeared
+
+
+@pytest.mark.slow
+def test_short_training_run_learns_and_writes_its_outputs(tmp_path, mnist_train_small, mnist_test_small):
+    config = TrainConfig(epochs=4, batch_size=32, validation_size=100, early_stop_patience=10)
+    result = train(tmp_path, data=mnist_train_small, config=config, name="tiny", progress=False)
+
+    assert result.history["loss"][-1] < 0.7 * result.history["loss"][0]
+    for path in (result.keras_path, result.onnx_path, result.record_path, result.curves_path):
+        assert path.is_file() and path.stat().st_size > 0
+    assert result.curves_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(result.record_path.read_text())
+    assert record["parameters"] == 424_810
+    assert record["data"]["train_images"] == 500 and record["data"]["validation_images"] == 100
+    assert record["config"]["seed"] == config.seed and record["epochs_run"] == 4
+    assert len(record["history"]["val_accuracy"]) == 4
+
+    # The exported ONNX model computes what the Keras model computes.
+    model = keras.models.load_model(result.keras_path)
+    images = mnist_test_small.images[..., None].astype(np.float32) / 255
+    expected = model.predict(images, verbose=0)
+    onnx_probabilities = predict_proba(load_classifier(result.onnx_path), images)
+    np.testing.assert_allclose(onnx_probabilities, expected, atol=1e-5)
