@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,6 +39,10 @@ def _show_version(value: bool) -> None:
 def _global_options(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv for debug).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    log_file: Annotated[
+        Optional[Path], typer.Option(envvar="HWR_BATCH_LOG_FILE", help="Also append log lines to this file.", dir_okay=False)
+    ] = None,
+    json_logs: Annotated[bool, typer.Option("--json-logs", envvar="HWR_BATCH_JSON_LOGS", help="Log one JSON object per line.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -49,14 +54,39 @@ def _global_options(
     7 another run holds the lock, 15 other error, 130 interrupted.
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    configure_logging(level)
+    configure_logging(level, log_file=log_file, json_lines=json_logs)
 
 
-def configure_logging(level: int) -> None:
-    """Log to stderr (stdout is for data), under the ``hwr_batch`` logger only."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import datetime, timezone
+
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: int, *, log_file: Path | None = None, json_lines: bool = False) -> None:
+    """Log to stderr (stdout is for data), and optionally to a file, under the ``hwr_batch`` logger only."""
+    formatter = JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        try:
+            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        except OSError as e:
+            raise typer.BadParameter(f"cannot open log file {log_file}: {e.strerror}", param_hint="--log-file") from None
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    log.handlers[:] = handlers
     log.setLevel(level)
     log.propagate = False
 
@@ -73,6 +103,148 @@ ModelOption = Annotated[
     Optional[Path],
     typer.Option("--model", "-m", help="ONNX model (.onnx; a .keras path uses its .onnx twin). Default: $HWR_BATCH_MODEL, else the shipped model."),
 ]
+
+
+@app.command()
+def process(
+    ctx: typer.Context,
+    inputs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False),
+    ] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(envvar="HWR_BATCH_CONFIG", help="TOML file with a [process] table of these options (and `inputs`); "
+                     "the command line and HWR_BATCH_* variables override it.", dir_okay=False),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", envvar="HWR_BATCH_OUT", help="Folder for digits.csv, fields.csv, errors.csv (or results.xlsx).")
+    ] = Path("hwr-results"),
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", envvar="HWR_BATCH_FORMAT", help="csv: three CSV files; xlsx: one workbook, a sheet per table.")
+    ] = "csv",
+    model: Annotated[
+        Optional[Path],
+        typer.Option("--model", "-m", envvar="HWR_BATCH_MODEL", help="ONNX model. Default: the shipped model."),
+    ] = None,
+    fields: Annotated[
+        str,
+        typer.Option(
+            "--fields",
+            help="Where digits are read. auto: inside printed boxes if the page has any, else the whole image if it is "
+            "a small crop, else runs of handwriting on lines; boxes: only inside boxes; lines; whole: each image is one field.",
+        ),
+    ] = "auto",
+    min_confidence: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", help="Digits the model is less sure of are flagged for review."),
+    ] = 0.8,
+    include: Annotated[Optional[list[str]], typer.Option(help="Only files matching this glob (repeatable), e.g. '*.tif'.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Skip files or folders matching this glob (repeatable).")] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", help="Worker processes for reading pages; 0 = one per core.")
+    ] = 0,
+    annotate: Annotated[
+        Optional[Path], typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
+    ] = None,
+    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="Resolution at which PDF pages are rendered.")] = 300,
+    max_megapixels: Annotated[float, typer.Option(min=1.0, help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
+    state_dir: Annotated[
+        Optional[Path],
+        typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database and run lock. Default: OUT/.hwr-batch.", file_okay=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Reprocess every file, even those already done with this model.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Retry files that failed in earlier runs.")] = False,
+    reprocess_stale: Annotated[
+        bool, typer.Option("--reprocess-stale", help="Redo files read with a different model (otherwise only counted as stale).")
+    ] = False,
+) -> int:
+    """Read the handwritten digits in scanned forms and write them as tables.
+
+    Re-runs are incremental: files already done with the same model are skipped, changed files
+    are redone and their rows replaced. Exit code 0 if every file was read, 1 if some failed
+    (see errors.csv), 130 if interrupted (re-run to finish).
+    """
+    from .config import Options, read_config_file
+    from .errors import BadArgsError
+    from .pipeline import run_batch
+
+    params = dict(ctx.params)
+    if config is not None:  # the file fills in only what the command line and environment left at default
+        for name, value in read_config_file(config).items():
+            source = ctx.get_parameter_source(name)
+            if source is None or source.name == "DEFAULT":
+                params[name] = value
+    if not params["inputs"]:
+        raise BadArgsError("no scans given: name files or folders, or set `inputs` in the --config file")
+    options = Options(
+        inputs=tuple(Path(p) for p in params["inputs"]),
+        out_dir=Path(params["out"]),
+        fmt=params["fmt"],
+        model=Path(params["model"]) if params["model"] else None,
+        include=tuple(params["include"] or ()),
+        exclude=tuple(params["exclude"] or ()),
+        field_mode=params["fields"],
+        min_confidence=float(params["min_confidence"]),
+        pdf_dpi=int(params["pdf_dpi"]),
+        max_megapixels=float(params["max_megapixels"]),
+        jobs=int(params["jobs"]),
+        annotate_dir=Path(params["annotate"]) if params["annotate"] else None,
+        state_dir=Path(params["state_dir"]) if params["state_dir"] else None,
+        force=force,
+        retry_failed=bool(params["retry_failed"]),
+        reprocess_stale=bool(params["reprocess_stale"]),
+    )
+    with _stop_on_signals() as stop_requested, _progress_bar() as progress:
+        report = run_batch(options, should_stop=stop_requested, progress=progress)
+    log.info("%s", report.summary())
+    for path in report.outputs:
+        typer.echo(str(path))
+    return int(report.exit_code)
+
+
+@contextmanager
+def _progress_bar():
+    """A rich progress bar on stderr when it is a terminal and logging is not quiet; else nothing."""
+    if not sys.stderr.isatty() or log.getEffectiveLevel() > logging.INFO:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("reading scans", total=None)
+
+        class Display:
+            def start(self, total: int) -> None:
+                bar.update(task, total=total)
+
+            def advance(self, path: Path, outcome: str) -> None:
+                bar.update(task, advance=1, description=f"reading scans ({path.name})")
+
+        yield Display()
+
+
+@contextmanager
+def _stop_on_signals():
+    """SIGTERM or a first Ctrl-C asks the run to stop after the current files; a second Ctrl-C aborts."""
+    import signal
+
+    requested: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("%s received: finishing the files in hand, then stopping", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @app.command()

@@ -1,0 +1,138 @@
+"""Options of a batch run: one frozen dataclass, validated before any work starts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from .errors import BadArgsError
+from .export import FORMATS
+from .layout import MODES as FIELD_MODES
+
+DEFAULT_OUT_DIR = Path("hwr-results")
+DEFAULT_MIN_CONFIDENCE = 0.8
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that decides what ``process`` does.
+
+    Attributes:
+        inputs: files and folders of scans (folders are walked recursively).
+        out_dir: where digits/fields/errors tables (or results.xlsx) are written.
+        fmt: ``"csv"`` or ``"xlsx"``.
+        model: ONNX model file; None for the default (``$HWR_BATCH_MODEL`` or the shipped one).
+        include: glob patterns; only matching files in folders are read.
+        exclude: glob patterns of files or folders to skip.
+        field_mode: ``"auto"``, ``"boxes"`` (only inside printed boxes), ``"lines"`` or ``"whole"``
+            (each image is one field).
+        min_confidence: digits the model is less sure of than this are flagged for review.
+        pdf_dpi: resolution at which PDF pages are rendered.
+        max_megapixels: larger pages are refused (decompression-bomb guard).
+        jobs: worker processes for decoding and segmentation; 0 = one per core.
+        annotate_dir: if set, a PNG per page with the fields and digits read drawn on it.
+        state_dir: folder of the state database and lock; default ``out_dir/.hwr-batch``.
+        force: reprocess every file, even those already done with this model.
+        retry_failed: reprocess files that failed before (otherwise they are skipped).
+        reprocess_stale: reprocess files done with a different model (otherwise only counted as stale).
+        batch_digits: digits collected before one classification call.
+    """
+
+    inputs: tuple[Path, ...]
+    out_dir: Path = DEFAULT_OUT_DIR
+    fmt: str = "csv"
+    model: Path | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    field_mode: str = "auto"
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    pdf_dpi: int = 300
+    max_megapixels: float = 200.0
+    jobs: int = 0
+    annotate_dir: Path | None = None
+    state_dir: Path | None = None
+    force: bool = False
+    retry_failed: bool = False
+    reprocess_stale: bool = False
+    batch_digits: int = 4096
+
+    def validated(self) -> Options:
+        """Check every option; return a copy with defaults resolved.
+
+        Raises:
+            BadArgsError: naming the option and the bad value.
+        """
+        if not self.inputs:
+            raise BadArgsError("no input files or folders given")
+        if self.fmt not in FORMATS:
+            raise BadArgsError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+        if self.field_mode not in FIELD_MODES:
+            raise BadArgsError(f"--fields must be one of {', '.join(FIELD_MODES)}, got {self.field_mode!r}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise BadArgsError(f"--min-confidence must be between 0 and 1, got {self.min_confidence}")
+        if not 50 <= self.pdf_dpi <= 1200:
+            raise BadArgsError(f"--pdf-dpi must be between 50 and 1200, got {self.pdf_dpi}")
+        if self.max_megapixels <= 0:
+            raise BadArgsError(f"--max-megapixels must be positive, got {self.max_megapixels}")
+        if self.jobs < 0:
+            raise BadArgsError(f"--jobs must be 0 (all cores) or more, got {self.jobs}")
+        if self.batch_digits < 1:
+            raise BadArgsError(f"batch_digits must be at least 1, got {self.batch_digits}")
+        return replace(
+            self,
+            inputs=tuple(Path(p) for p in self.inputs),
+            out_dir=Path(self.out_dir),
+            jobs=self.jobs or os.cpu_count() or 1,
+            state_dir=Path(self.state_dir) if self.state_dir else Path(self.out_dir) / ".hwr-batch",
+        )
+
+
+def option_names() -> list[str]:
+    """Names of the options, as a config file spells them."""
+    return [f.name for f in fields(Options)]
+
+
+CONFIG_ENV = "HWR_BATCH_CONFIG"
+CONFIG_SECTION = "process"
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """Read the ``[process]`` table of a TOML config file.
+
+    Keys are the long option names of ``hwr-batch process`` (``out``, ``format``, ``model``,
+    ``min-confidence`` ...; dashes or underscores), plus ``inputs``, a list of files or folders.
+    Values given on the command line or in ``HWR_BATCH_*`` environment variables win.
+
+    Raises:
+        BadArgsError: the file is missing, not valid TOML, or has an unknown key; names the file.
+    """
+    import tomllib
+
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise BadArgsError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BadArgsError(f"{path}: not a valid TOML config file ({e})") from None
+    table = document.get(CONFIG_SECTION, document)
+    if not isinstance(table, dict):
+        raise BadArgsError(f"{path}: [{CONFIG_SECTION}] must be a table")
+    settings = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        name = CONFIG_ALIASES.get(name, name)
+        if name not in CONFIG_KEYS:
+            known = ", ".join(sorted(k.replace("_", "-") for k in CONFIG_KEYS))
+            raise BadArgsError(f"{path}: unknown setting {key!r} (known: {known})")
+        settings[name] = value
+    return settings
+
+
+# Settings a config file may hold: the `process` command's parameter names.
+CONFIG_KEYS = frozenset({
+    "inputs", "out", "fmt", "model", "fields", "min_confidence", "include", "exclude", "jobs", "annotate",
+    "pdf_dpi", "max_megapixels", "state_dir", "retry_failed", "reprocess_stale",
+})
+CONFIG_ALIASES = {"format": "fmt", "output": "out", "out_dir": "out"}

@@ -1,0 +1,104 @@
+"""Write results as CSV files or one spreadsheet workbook, atomically, through pandas."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from .atomic import atomic_output, atomic_path, neutralise_formulas
+from .errors import OutputError
+
+# Column order of each table: a stable interface for spreadsheets and scripts.
+DIGIT_COLUMNS = (
+    "file", "page", "field", "position", "x", "y", "width", "height",
+    "digit", "confidence", "second_choice", "second_confidence", "flagged",
+)
+FIELD_COLUMNS = (
+    "file", "page", "field", "x", "y", "width", "height",
+    "digits", "digit_count", "min_confidence", "flagged", "flag_reason",
+)
+ERROR_COLUMNS = ("file", "page", "stage", "reason")
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {"digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS}
+FORMATS = ("csv", "xlsx")
+
+
+def empty_tables() -> dict[str, pd.DataFrame]:
+    """The three tables with their columns and no rows."""
+    return {name: pd.DataFrame(columns=list(columns)) for name, columns in TABLE_COLUMNS.items()}
+
+
+def to_frame(name: str, rows: list[dict]) -> pd.DataFrame:
+    """Rows (dicts keyed by column) -> a DataFrame with the table's columns in order."""
+    columns = list(TABLE_COLUMNS[name])
+    frame = pd.DataFrame(rows, columns=columns)
+    # The digit string is text: "007" must not become 7 in a spreadsheet.
+    for column in ("digits", "digit", "second_choice"):
+        if column in frame:
+            frame[column] = frame[column].astype("string")
+    return frame
+
+
+def output_paths(out_dir: Path, fmt: str) -> dict[str, Path]:
+    """Where each table goes: ``digits.csv``/``fields.csv``/``errors.csv``, or sheets of ``results.xlsx``."""
+    out_dir = Path(out_dir)
+    if fmt == "xlsx":
+        return {name: out_dir / "results.xlsx" for name in TABLE_COLUMNS}
+    return {name: out_dir / f"{name}.csv" for name in TABLE_COLUMNS}
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "csv") -> list[Path]:
+    """Write the tables atomically: each file is either its old self or complete, never partial.
+
+    Cells that a spreadsheet would run as formulas (starting with ``=``, ``+``, ``-``, ``@``) are
+    neutralised with a leading apostrophe.
+
+    Args:
+        tables: ``{"digits": df, "fields": df, "errors": df}``.
+        out_dir: an existing or creatable folder.
+        fmt: ``"csv"`` (one UTF-8 file per table) or ``"xlsx"`` (one workbook, a sheet per table).
+
+    Returns:
+        The files written.
+
+    Raises:
+        OutputError: the folder or a file cannot be written.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    out_dir = Path(out_dir)
+    safe = {name: neutralise_formulas(frame) for name, frame in tables.items()}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if fmt == "xlsx":
+            path = out_dir / "results.xlsx"
+            with atomic_path(path) as tmp, pd.ExcelWriter(tmp, engine="openpyxl") as workbook:
+                for name, frame in safe.items():
+                    frame.to_excel(workbook, sheet_name=name, index=False)
+            return [path]
+        written = []
+        for name, frame in safe.items():
+            path = out_dir / f"{name}.csv"
+            with atomic_output(path, newline="") as f:
+                frame.to_csv(f, index=False)
+            written.append(path)
+        return written
+    except OSError as e:
+        raise OutputError(f"{e.filename or out_dir}: cannot write results ({e.strerror or e})") from None
+
+
+def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
+    """Read back tables written by :func:`write_tables` (empty tables where none exist yet)."""
+    tables = empty_tables()
+    paths = output_paths(out_dir, fmt)
+    for name, path in paths.items():
+        if not path.is_file():
+            continue
+        text_columns = {c: "string" for c in ("file", "digits", "digit", "second_choice", "reason", "flag_reason")}
+        if fmt == "xlsx":
+            frame = pd.read_excel(path, sheet_name=name, dtype=text_columns)
+        else:
+            frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+        tables[name] = frame
+    return tables

@@ -1,0 +1,485 @@
+"""Page layout: deskew a scanned page and find the fields that hold handwriting.
+
+Coordinates: ``Field.bbox`` is in the **original** (skewed) page's pixels: the axis-aligned box of
+the field's deskewed rectangle mapped back onto the page (what a person sees in the scan).
+``Field.image`` is cut from the **deskewed** page, so the field is straight in it; ``Field.inner``
+and ``Field.cells`` are in that image's coordinates. ``Layout.angle`` uses OpenCV's convention
+(positive = content rotated counter-clockwise on screen, as ``cv2.getRotationMatrix2D``); the page
+is straightened by rotating it by ``-angle`` about its centre (:func:`deskew`).
+
+Modes:
+
+* ``"boxes"``: only printed rectangles are fields. Long horizontal and vertical line masks
+  (morphological opening at ~150 dpi) are combined; the holes of that line grid are box interiors
+  (or comb cells, which are merged into one field when they share a frame and a row). Printed text
+  outside boxes is never returned.
+* ``"whole"``: the whole image is one field (a crop of a single field, e.g. a cheque amount).
+* ``"lines"``: for pages without boxes: printed rules are removed, ink components are kept if they
+  look handwritten (4-16 mm tall, strokes >= 0.4 mm wide) and grouped into text lines and runs
+  (split at gaps wider than ~0.9 x the run's height). Runs that look printed are dropped:
+  >= 3 components with near-identical tops, bottoms and heights (type), or > 14 components
+  (sentences). This is a heuristic; bold large print (a title) may still be returned.
+* ``"auto"``: ``boxes`` if the page has any box; else ``whole`` if the image is small
+  (< 400 px tall: a crop of one field); else ``lines``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+MODES = ("auto", "boxes", "whole", "lines")
+WORK_DPI = 150.0  # detection runs at about this resolution
+MM_PER_INCH = 25.4
+SMALL_IMAGE_PX = 400
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field to read.
+
+    Attributes:
+        bbox: (x, y, w, h) in original page pixels (see module docstring).
+        image: (h, w) uint8 grayscale, dark on light, from the deskewed page: the box with a margin
+            around it, its border lines and comb ticks whitened (strokes crossing them are kept), and
+            ink outside the box that does not reach into it whitened too.
+        kind: ``"box"`` (incl. combs), ``"line"`` (a run of handwriting) or ``"whole"``.
+        inner: (x, y, w, h) of the box's interior in ``image`` (whole image for line/whole).
+        cells: comb cells as (x0, x1) column ranges in ``image``, left to right; empty for a plain box.
+    """
+
+    bbox: tuple[int, int, int, int]
+    image: np.ndarray = field(repr=False)
+    kind: str
+    inner: tuple[int, int, int, int] = (0, 0, 0, 0)
+    cells: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What :func:`analyse_page` found.
+
+    Attributes:
+        angle: estimated skew in degrees (OpenCV convention; 0 if no long lines were found).
+        fields: in reading order (top to bottom, then left to right).
+        mode: the mode actually used (``auto`` resolved to ``boxes``, ``whole`` or ``lines``).
+        dpi: the resolution assumed for physical sizes.
+    """
+
+    angle: float
+    fields: list[Field]
+    mode: str
+    dpi: float
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def guess_dpi(shape: tuple[int, ...]) -> float:
+    """The page's dpi if it looks like an A4 or US Letter page, else 300."""
+    h, w = shape[:2]
+    if w >= 800 and h > w:
+        ratio = h / w
+        if 1.38 <= ratio <= 1.45:
+            return w / (210 / MM_PER_INCH)
+        if 1.25 <= ratio < 1.38:
+            return w / 8.5
+    return 300.0
+
+
+def _downscale(gray: np.ndarray, dpi: float) -> tuple[np.ndarray, int]:
+    """Shrink by an integer factor towards ~150 dpi (integer factors keep INTER_AREA fast)."""
+    f = max(1, int(round(dpi / WORK_DPI)))
+    if f == 1:
+        return gray, 1
+    h, w = gray.shape
+    g = gray[: h - h % f, : w - w % f]
+    return cv2.resize(g, None, fx=1.0 / f, fy=1.0 / f, interpolation=cv2.INTER_AREA), f
+
+
+def _as_gray(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if img.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+    if img.ndim != 2:
+        raise ValueError(f"expected a (H, W) grayscale image, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        img = np.clip(img * (255.0 if img.dtype.kind == "f" and img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return img
+
+
+def _odd(v: float) -> int:
+    return max(3, int(v) | 1)
+
+
+def _binarise(gray: np.ndarray, block: int, c: float = 12.0) -> np.ndarray:
+    """Ink mask (255 = ink) robust to uneven lighting."""
+    return cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, _odd(block), c)
+
+
+def _open(mask: np.ndarray, kw: int, kh: int) -> np.ndarray:
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (max(1, kw), max(1, kh))))
+
+
+def estimate_skew(gray: np.ndarray, *, dpi: float | None = None, max_angle: float = 6.0) -> float:
+    """Skew of a page in degrees (OpenCV convention) from its long printed lines; 0 if it has none.
+
+    Horizontal line fragments are isolated with a short opening at ~150 dpi; each component at
+    least 25 mm long and thin gets a least-squares line fit; the answer is the length-weighted median.
+    """
+    gray = _as_gray(gray)
+    dpi = dpi or guess_dpi(gray.shape)
+    small, f = _downscale(gray, dpi)
+    return _skew_small(_binarise(small, 6 * dpi / f / MM_PER_INCH), dpi / f, max_angle)
+
+
+def _cc_stats(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Connected components (8-connected) with stats, using the fastest algorithm for sparse masks."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    return n, labels, stats
+
+
+def _skew_small(bw: np.ndarray, dpi: float, max_angle: float) -> float:
+    px_mm = dpi / MM_PER_INCH
+    hor = _open(bw, int(2.5 * px_mm), 1)
+    contours, _ = cv2.findContours(hor, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    tan = math.tan(math.radians(max_angle))
+    angles, weights = [], []
+    for c in contours:
+        x, y, w, h = cv2.boundingRect(c)
+        if w < 25 * px_mm or h > w * tan + 1.5 * px_mm:
+            continue
+        pts = c.reshape(-1, 2).astype(np.float64)
+        xs, ys = pts[:, 0] - pts[:, 0].mean(), pts[:, 1]
+        slope = float((xs * (ys - ys.mean())).sum() / max((xs * xs).sum(), 1e-9))
+        angles.append(-math.degrees(math.atan(slope)))
+        weights.append(float(w))
+    if not angles:
+        return 0.0
+    order = np.argsort(angles)
+    a, wts = np.asarray(angles)[order], np.asarray(weights)[order]
+    cum = np.cumsum(wts)
+    return float(a[np.searchsorted(cum, cum[-1] / 2)])
+
+
+def _rotation(shape: tuple[int, ...], angle: float) -> np.ndarray:
+    """2x3 matrix taking original page pixels to deskewed ones (rotation by -angle about the centre)."""
+    h, w = shape[:2]
+    return cv2.getRotationMatrix2D((w / 2.0, h / 2.0), -angle, 1.0)
+
+
+def deskew(gray: np.ndarray, angle: float) -> np.ndarray:
+    """The page rotated by ``-angle`` about its centre, same size, white outside."""
+    if not angle:
+        return gray
+    h, w = gray.shape[:2]
+    return cv2.warpAffine(gray, _rotation(gray.shape, angle), (w, h), flags=cv2.INTER_LINEAR, borderValue=255)
+
+
+def _cut(gray: np.ndarray, m: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The deskewed region ``box`` (x, y, w, h), sampled straight from the original page."""
+    x, y, w, h = box
+    mc = m.copy()
+    mc[:, 2] -= (x, y)
+    if not m[0, 1] and m[0, 0] == 1:
+        y0, x0 = max(y, 0), max(x, 0)
+        out = np.full((h, w), 255, np.uint8)
+        part = gray[y0 : y + h, x0 : x + w]
+        out[y0 - y : y0 - y + part.shape[0], x0 - x : x0 - x + part.shape[1]] = part
+        return out
+    return cv2.warpAffine(gray, mc, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _to_page(m_inv: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    x, y, w, h = box
+    pts = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float64) @ m_inv[:, :2].T + m_inv[:, 2]
+    H, W = shape[:2]
+    x0, y0 = np.clip(pts.min(axis=0), 0, [W, H])
+    x1, y1 = np.clip(pts.max(axis=0), 0, [W, H])
+    return int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0))
+
+
+def _reading_order(boxes: list[tuple[int, int, int, int]]) -> list[int]:
+    """Indices of ``boxes`` top to bottom, left to right (a box joins a row if its centre is inside it)."""
+    order = sorted(range(len(boxes)), key=lambda i: boxes[i][1])
+    rows: list[list[int]] = []
+    row_y1 = -1.0
+    for i in order:
+        x, y, w, h = boxes[i]
+        if rows and y + h / 2 < row_y1:
+            rows[-1].append(i)
+            row_y1 = max(row_y1, min(row_y1, y + h))
+        else:
+            rows.append([i])
+            row_y1 = y + h
+    return [i for row in rows for i in sorted(row, key=lambda j: boxes[j][0])]
+
+
+# --------------------------------------------------------------------------------------- boxes
+
+
+def _ruled(hor: np.ndarray, ver: np.ndarray, hole: tuple[int, int, int, int], pad: int = 3) -> bool:
+    """True if a hole of the line grid is bounded by straight lines on all four sides (a printed box)."""
+    x, y, w, h = hole
+    above = hor[max(0, y - pad) : y + 1, x : x + w]
+    below = hor[y + h - 1 : y + h + pad, x : x + w]
+    top, bottom = above.any(axis=0).mean(), below.any(axis=0).mean()
+    left = ver[y : y + h, max(0, x - pad) : x + 1].any(axis=1).mean()
+    right = ver[y : y + h, x + w - 1 : x + w + pad].any(axis=1).mean()
+    return bool(min(top, bottom) >= 0.85 and min(left, right) >= 0.7)
+
+
+def _find_boxes(bw: np.ndarray, px_mm: float, min_h_mm: float = 6.0) -> list[tuple[tuple[int, int, int, int], list[tuple[int, int, int, int]]]]:
+    """Box interiors in a deskewed ink mask: [(interior (x, y, w, h), cell interiors)], cells left to right."""
+    hor = _open(bw, int(4.5 * px_mm), 1)
+    ver = _open(bw, 1, int(4.5 * px_mm))
+    grid = cv2.dilate(hor | ver, np.ones((3, 3), np.uint8))
+    contours, hier = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hier is None:
+        return []
+    holes: dict[int, list[tuple[int, int, int, int]]] = {}
+    H, W = bw.shape
+    for c, (_, _, _, parent) in zip(contours, hier[0]):
+        if parent < 0:
+            continue
+        x, y, w, h = cv2.boundingRect(c)
+        if not (min_h_mm * px_mm <= h <= 45 * px_mm and w >= 2.5 * px_mm and w <= 0.99 * W):
+            continue
+        if cv2.contourArea(c) < 0.8 * w * h or not _ruled(hor, ver, (x, y, w, h)):
+            continue
+        holes.setdefault(parent, []).append((x, y, w, h))
+    out = []
+    for cells in holes.values():
+        # Split a frame's holes into rows; a row of >= 2 cells is a comb.
+        cells.sort(key=lambda b: (b[1], b[0]))
+        rows: list[list[tuple[int, int, int, int]]] = []
+        for b in cells:
+            for row in rows:
+                y0, y1 = min(r[1] for r in row), max(r[1] + r[3] for r in row)
+                if min(y1, b[1] + b[3]) - max(y0, b[1]) > 0.5 * min(b[3], y1 - y0):
+                    row.append(b)
+                    break
+            else:
+                rows.append([b])
+        for row in rows:
+            row.sort(key=lambda b: b[0])
+            x0 = row[0][0]
+            y0 = min(b[1] for b in row)
+            x1 = max(b[0] + b[2] for b in row)
+            y1 = max(b[1] + b[3] for b in row)
+            out.append(((x0, y0, x1 - x0, y1 - y0), row if len(row) > 1 else []))
+    return out
+
+
+def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float, seps: list[int] = ()) -> tuple[np.ndarray, list[int]]:
+    """Whiten a box's border lines, comb ticks and stray outside ink; return (image, tick x positions).
+
+    ``seps`` are x positions of known full-height cell separators (from the line grid).
+    """
+    ix, iy, iw, ih = inner
+    otsu, ink = cv2.threshold(crop, 0, 255, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
+    paper = cv2.mean(crop, mask=255 - ink)[0] if cv2.countNonZero(ink) < ink.size else 255.0
+    if otsu > paper - 25:  # nothing but paper (and noise): no real ink
+        ink = (crop < paper - 60).astype(np.uint8) * 255
+    H, W = crop.shape
+    band = max(3, int(0.15 * ih))
+    # Horizontal border lines: long runs near the expected top and bottom edges.
+    kh = max(5, int(min(0.8 * iw, max(1.0 * ih, 6 * px_mm))))
+    near_h = np.zeros_like(ink)
+    near_h[max(0, iy - band) : iy + band, :] = 255
+    near_h[max(0, iy + ih - band) : iy + ih + band, :] = 255
+    hor = _open(ink & near_h, kh, 1)
+    rows = np.count_nonzero(hor, axis=1)
+    top = rows.max() if rows.size else 0
+    thick = max(1, int(np.count_nonzero(rows > 0.3 * top) / 2)) if top else max(1, int(0.3 * px_mm))
+    # Vertical lines: straight, thin runs touching the top or bottom line (box sides, comb separators, ticks).
+    ver = _open(ink, 1, max(5, int(0.15 * ih)))
+    n, labels, stats = _cc_stats(ver)
+    touching = np.zeros(n, bool)
+    touching[labels[cv2.dilate(hor, np.ones((5, 3), np.uint8)) > 0]] = True
+    keep_v = np.zeros(n, bool)
+    ticks = []
+    for i in range(1, n):
+        x, y, w, h, _ = stats[i]
+        if w > 1.6 * thick + 3:
+            continue
+        side = abs(x + w / 2 - ix) < band or abs(x + w / 2 - ix - iw) < band
+        if not (touching[i] or side):
+            continue
+        keep_v[i] = True
+        cx = x + w / 2
+        if ix + 0.5 * thick + 3 < cx < ix + iw - 0.5 * thick - 3 and not side:
+            ticks.append(int(round(cx)))
+    vmask = (keep_v[labels] * 255).astype(np.uint8) if keep_v.any() else np.zeros_like(ink)
+    # Known verticals (box sides, separators): take their straight runs even where a digit touches them.
+    r = thick // 2 + 2
+    for x in (ix - thick // 2, ix + iw + thick // 2, *seps):
+        x0, x1 = max(0, x - r), min(W, x + r + 1)
+        vmask[:, x0:x1] |= ver[:, x0:x1]
+    lines = cv2.dilate(hor | vmask, np.ones((3, 3), np.uint8))
+    rest = ink & ~lines
+    k = 2 * thick + 5
+    bridged = cv2.morphologyEx(rest, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (1, k)))
+    bridged |= cv2.morphologyEx(rest, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (k, 1)))
+    keep = rest | (bridged & lines)
+    # Keep only ink that reaches into the box interior.
+    n, labels = cv2.connectedComponents(keep, connectivity=8)
+    good = np.bincount(labels[iy + thick : iy + ih - thick, ix + thick : ix + iw - thick].ravel(), minlength=n) > 0
+    good[0] = False
+    keep_mask = cv2.dilate(good[labels].astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    out = np.full_like(crop, int(round(paper)))
+    out[keep_mask] = crop[keep_mask]
+    ticks.sort()
+    merged: list[int] = []
+    for t in ticks:
+        if not merged or t - merged[-1] > 2 * thick + 2:
+            merged.append(t)
+    return out, merged
+
+
+def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.ndarray) -> list[Field]:
+    px_mm_small = dpi * s / MM_PER_INCH
+    px_mm = dpi / MM_PER_INCH
+    m_inv = cv2.invertAffineTransform(m)
+    H, W = gray.shape
+    found = []
+    for (x, y, w, h), cells in _find_boxes(bw, px_mm_small):
+        # Interior in deskewed full-resolution pixels (the grid was dilated by 1 px at small scale).
+        ix, iy = (x - 0.5) / s, (y - 0.5) / s
+        iw, ih = (w + 1) / s, (h + 1) / s
+        mx, my = int(0.25 * ih + 2), int(0.3 * ih + 2)
+        bx0, by0 = int(math.floor(ix - mx)), int(math.floor(iy - my))
+        cw, ch = int(math.ceil(iw + 2 * mx)), int(math.ceil(ih + 2 * my))
+        crop = _cut(gray, m, (bx0, by0, cw, ch))
+        inner = (int(round(ix - bx0)), int(round(iy - by0)), int(round(iw)), int(round(ih)))
+        seps = [int(round(((c[0] - 1) + (p[0] + p[2])) / 2 / s - bx0)) for p, c in zip(cells[:-1], cells[1:])]
+        image, ticks = _clean_box(crop, inner, px_mm, seps)
+        edges = seps or ticks
+        bounds = [inner[0], *edges, inner[0] + inner[2]]
+        cell_ranges = tuple((a, b) for a, b in zip(bounds[:-1], bounds[1:])) if len(bounds) > 2 else ()
+        lt = max(1, int(0.15 * px_mm))  # half a typical line width: the truth boxes include the border
+        outer = (int(round(ix)) - lt, int(round(iy)) - lt, int(round(iw)) + 2 * lt, int(round(ih)) + 2 * lt)
+        found.append(Field(_to_page(m_inv, outer, gray.shape), image, "box", inner, cell_ranges))
+    order = _reading_order([f.bbox for f in found])
+    return [found[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------- lines
+
+
+def _line_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.ndarray) -> list[Field]:
+    px = dpi * s / MM_PER_INCH
+    lines = _open(bw, int(8 * px), 1) | _open(bw, 1, int(20 * px))
+    ink = bw & ~cv2.dilate(lines, np.ones((3, 3), np.uint8))
+    ink = _open(ink, 2, 2) if px > 4 else ink
+    n, labels, stats = _cc_stats(ink)
+    dist = cv2.distanceTransform(ink, cv2.DIST_L2, 3)
+    comps = []
+    for i in range(1, n):
+        x, y, w, h, area = stats[i]
+        if not (4 * px <= h <= 16 * px) or w > 3 * h or area < 0.6 * px * h:
+            continue
+        width = 2 * float(dist[y : y + h, x : x + w][labels[y : y + h, x : x + w] == i].max())
+        if width < 0.4 * px:
+            continue
+        comps.append((x, y, w, h))
+    # Group into text lines (vertical overlap), then runs (horizontal gaps).
+    comps.sort(key=lambda b: b[0])
+    tlines: list[list[tuple[int, int, int, int]]] = []
+    for b in comps:
+        for tl in tlines:
+            y0 = min(c[1] for c in tl[-3:])
+            y1 = max(c[1] + c[3] for c in tl[-3:])
+            overlap = min(y1, b[1] + b[3]) - max(y0, b[1])
+            if overlap > 0.5 * min(b[3], y1 - y0):
+                tl.append(b)
+                break
+        else:
+            tlines.append([b])
+    runs = []
+    for tl in tlines:
+        run = [tl[0]]
+        for b in tl[1:]:
+            med_h = float(np.median([c[3] for c in run]))
+            if b[0] - max(c[0] + c[2] for c in run) > 0.9 * med_h:
+                runs.append(run)
+                run = [b]
+            else:
+                run.append(b)
+        runs.append(run)
+    m_inv = cv2.invertAffineTransform(m)
+    out = []
+    for run in runs:
+        if len(run) > 14:
+            continue
+        hs = np.array([c[3] for c in run], float)
+        tops = np.array([c[1] for c in run], float)
+        bots = tops + hs
+        med = float(np.median(hs))
+        if len(run) >= 3 and tops.std() < 0.03 * med and bots.std() < 0.03 * med and hs.std() < 0.04 * med:
+            continue  # type: every glyph the same height on the same baseline
+        x0 = min(c[0] for c in run)
+        y0 = min(c[1] for c in run)
+        x1 = max(c[0] + c[2] for c in run)
+        y1 = max(c[1] + c[3] for c in run)
+        pad = 0.15 * med
+        bx0, by0 = int((x0 - pad) / s), int((y0 - pad) / s)
+        bw_, bh_ = int((x1 - x0 + 2 * pad) / s), int((y1 - y0 + 2 * pad) / s)
+        img = _cut(gray, m, (bx0, by0, bw_, bh_))
+        out.append(Field(_to_page(m_inv, (bx0, by0, bw_, bh_), gray.shape), img, "line", (0, 0, bw_, bh_)))
+    order = _reading_order([f.bbox for f in out])
+    return [out[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------- API
+
+
+def analyse_page(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = None, max_angle: float = 6.0) -> Layout:
+    """Deskew a page and find its fields.
+
+    Args:
+        gray: (H, W) uint8, dark ink on light paper (BGR is converted).
+        mode: ``"auto"``, ``"boxes"``, ``"whole"`` or ``"lines"`` (see module docstring).
+        dpi: the scan's resolution; default :func:`guess_dpi` (A4/Letter page size, else 300).
+        max_angle: largest skew considered, in degrees.
+
+    Returns:
+        A :class:`Layout` with the skew angle and the fields in reading order.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    gray = _as_gray(gray)
+    H, W = gray.shape
+    dpi = float(dpi or guess_dpi(gray.shape))
+    whole = Layout(0.0, [Field((0, 0, W, H), gray, "whole", (0, 0, W, H))], "whole", dpi)
+    if mode == "whole":
+        return whole
+    small, f = _downscale(gray, dpi)
+    s = 1.0 / f
+    px_mm = dpi * s / MM_PER_INCH
+    block = 6 * px_mm
+    bw = _binarise(small, block)
+    angle = _skew_small(bw, dpi * s, max_angle)
+    m = _rotation(gray.shape, angle)
+    if abs(angle) > 0.1:
+        # Rotate the small page about the point matching the full page's centre.
+        ms = cv2.getRotationMatrix2D((W * s / 2.0 - 0.5 + 0.5 * s, H * s / 2.0 - 0.5 + 0.5 * s), -angle, 1.0)
+        bw = cv2.warpAffine(bw, ms, bw.shape[::-1], flags=cv2.INTER_NEAREST, borderValue=0)
+    else:
+        angle = angle if abs(angle) > 0.02 else 0.0
+        m = _rotation(gray.shape, angle)
+    if mode in ("auto", "boxes"):
+        fields = _box_fields(gray, bw, s, dpi, m)
+        if fields or mode == "boxes":
+            return Layout(angle, fields, "boxes", dpi)
+        if H < SMALL_IMAGE_PX:
+            return whole
+    return Layout(angle, _line_fields(gray, bw, s, dpi, m), "lines", dpi)
+
+
+def find_fields(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = None) -> list[Field]:
+    """The fields of a page in reading order: ``analyse_page(gray, mode=mode, dpi=dpi).fields``."""
+    return analyse_page(gray, mode=mode, dpi=dpi).fields

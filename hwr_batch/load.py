@@ -1,0 +1,210 @@
+"""Find input files and decode their pages to grayscale (the only module that reads scans)."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputFileError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pbm", ".pgm", ".ppm", ".gif"})
+PDF_SUFFIXES = frozenset({".pdf"})
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | PDF_SUFFIXES
+DEFAULT_PDF_DPI = 300
+DEFAULT_MAX_MEGAPIXELS = 200.0  # an A0 page at 300 dpi is 140 MP; past this we suspect a decompression bomb
+
+
+@dataclass(frozen=True)
+class Page:
+    """One decoded page.
+
+    Attributes:
+        source: the file it came from.
+        index: 0-based page number within the file.
+        gray: (H, W) uint8 grayscale, dark ink on light paper as scanned.
+        dpi: resolution if the file says (or the PDF render dpi), else None.
+    """
+
+    source: Path
+    index: int
+    gray: np.ndarray
+    dpi: float | None = None
+
+
+def find_inputs(
+    paths: Iterable[Path],
+    *,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders (recursively) into the scans to process, in a stable order.
+
+    Args:
+        paths: files or folders.
+        include: glob patterns on the file name or relative path; if given, only matching files
+            are taken (e.g. ``"*.tif"``). Files named explicitly are always taken.
+        exclude: glob patterns of files or folders to skip (e.g. ``"rejected/*"``).
+
+    Returns:
+        (files, problems): the supported files found, sorted within each folder, and
+        (path, reason) for named paths that do not exist or cannot be listed.
+        Symlinked folders are not followed, so a symlink loop cannot trap the walk.
+    """
+    include, exclude = tuple(include), tuple(exclude)
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+
+    def matches(patterns: tuple[str, ...], relative: str) -> bool:
+        name = relative.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+    def add(path: Path) -> None:
+        key = path.absolute()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for root in map(Path, paths):
+        if root.is_dir():
+            def on_error(error: OSError) -> None:
+                problems.append((Path(error.filename or root), f"cannot list folder: {error.strerror}"))
+
+            for folder, dirnames, filenames in os.walk(root, onerror=on_error):
+                relative_folder = os.path.relpath(folder, root)
+                dirnames[:] = sorted(
+                    d for d in dirnames if not matches(exclude, os.path.normpath(os.path.join(relative_folder, d)))
+                )
+                for name in sorted(filenames):
+                    relative = os.path.normpath(os.path.join(relative_folder, name))
+                    if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES or name.startswith("."):
+                        continue
+                    if matches(exclude, relative) or (include and not matches(include, relative)):
+                        continue
+                    add(Path(folder) / name)
+        elif root.is_file() or root.is_symlink():
+            add(root)  # named explicitly: taken whatever its suffix; a broken link fails at load
+        else:
+            problems.append((root, "no such file or folder"))
+    return files, problems
+
+
+def iter_pages(
+    path: Path, *, pdf_dpi: int = DEFAULT_PDF_DPI, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+) -> Iterator[Page]:
+    """Decode every page of an image or PDF file, one at a time.
+
+    Raises:
+        InputFileError: the file is missing, unreadable, not an image/PDF, corrupt, encrypted,
+            or larger than ``max_megapixels``; the message names the file and the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        reason = "broken symbolic link" if path.is_symlink() else "file not found"
+        raise InputFileError(f"{path}: {reason}")
+    if not path.is_file():
+        raise InputFileError(f"{path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot read ({e.strerror})") from None
+    if not head:
+        raise InputFileError(f"{path}: empty file (0 bytes)")
+    if head.startswith(b"%PDF"):
+        yield from _iter_pdf_pages(path, dpi=pdf_dpi, max_megapixels=max_megapixels)
+    else:
+        yield from _iter_image_pages(path, max_megapixels=max_megapixels)
+
+
+def count_pages(path: Path) -> int:
+    """Number of pages in an image or PDF file, without decoding them (0 if it cannot be read)."""
+    try:
+        if open(path, "rb").read(4) == b"%PDF":
+            import pypdfium2 as pdfium
+
+            return len(pdfium.PdfDocument(str(path)))
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1)
+    except Exception:
+        return 0
+
+
+def _iter_image_pages(path: Path, *, max_megapixels: float) -> Iterator[Page]:
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # we apply our own, configurable limit below, before decoding
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise InputFileError(f"{path}: not an image or PDF file hwr-batch can read") from None
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot open image ({e})") from None
+    with image:
+        for index, frame in enumerate(ImageSequence.Iterator(image)):
+            width, height = frame.size
+            if width * height > max_megapixels * 1e6:
+                raise InputFileError(
+                    f"{path}: page {index + 1} is {width}x{height} pixels ({width * height / 1e6:.0f} MP), over the "
+                    f"{max_megapixels:g} MP limit (a decompression bomb?); raise --max-megapixels if it is genuine"
+                )
+            try:
+                gray = _to_gray(frame)
+            except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data surfaces at decode
+                raise InputFileError(f"{path}: page {index + 1} is truncated or corrupt ({e})") from None
+            dpi = frame.info.get("dpi")
+            yield Page(path, index, gray, float(dpi[0]) if dpi and dpi[0] else None)
+
+
+def _to_gray(frame) -> np.ndarray:
+    """Any Pillow image mode -> (H, W) uint8 grayscale; transparency is laid on white paper."""
+    from PIL import Image
+
+    mode = frame.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(frame, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        return np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+    if mode == "P":
+        frame = frame.convert("RGBA" if "transparency" in frame.info else "RGB")
+    if frame.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        paper = Image.new("RGBA", frame.size, (255, 255, 255, 255))
+        frame = Image.alpha_composite(paper, frame.convert("RGBA"))
+    return np.asarray(frame.convert("L"), dtype=np.uint8).copy()
+
+
+def _iter_pdf_pages(path: Path, *, dpi: int, max_megapixels: float) -> Iterator[Page]:
+    import pypdfium2 as pdfium
+
+    try:
+        document = pdfium.PdfDocument(str(path))
+    except pdfium.PdfiumError as e:
+        reason = "encrypted (password protected)" if "password" in str(e).lower() else f"broken PDF ({e})"
+        raise InputFileError(f"{path}: {reason}") from None
+    try:
+        for index in range(len(document)):
+            page = document[index]
+            width, height = page.get_size()  # points: 1/72 inch
+            pixels = width * height * (dpi / 72) ** 2
+            if pixels > max_megapixels * 1e6:
+                raise InputFileError(
+                    f"{path}: page {index + 1} would render at {pixels / 1e6:.0f} MP at {dpi} dpi, over the "
+                    f"{max_megapixels:g} MP limit; lower --pdf-dpi or raise --max-megapixels"
+                )
+            try:
+                bitmap = page.render(scale=dpi / 72, grayscale=True)
+                gray = np.asarray(bitmap.to_numpy(), dtype=np.uint8)
+            except pdfium.PdfiumError as e:
+                raise InputFileError(f"{path}: page {index + 1} cannot be rendered ({e})") from None
+            if gray.ndim == 3:
+                gray = gray[..., 0]
+            yield Page(path, index, gray.copy(), float(dpi))
+    finally:
+        document.close()

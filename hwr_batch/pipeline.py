@@ -1,0 +1,489 @@
+"""The batch recipe: find scans -> read pages (workers) -> classify in large batches -> write tables.
+
+Reading a file (decode, layout, segmentation, normalisation) is CPU work on one file and runs in
+worker processes; classification gathers the digits of many files into one ONNX Runtime call in
+the main process; results are written atomically as they come, so memory stays flat and a crash
+loses nothing that was already written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from .annotate import annotate_files
+from .atomic import FORMULA_TRIGGERS, remove_stale_temp_files
+from .classify import Classifier, load_classifier, predict_proba, top_two
+from .config import Options
+from .errors import ExitCode, HwrError
+from .export import read_tables, to_frame, write_tables
+from .layout import analyse_page
+from .load import find_inputs, iter_pages
+from .normalise import IMAGE_SIZE, to_mnist
+from .runlock import acquire_lock
+from .segment import DigitCrop, FieldCandidates, choose_reading, segment_field_candidates
+from .state import Decision, StateDB, begin_run, finish_run, mark_done, mark_failed, open_state, plan, stale_files
+
+log = logging.getLogger(__name__)
+
+STAGES = ("load", "layout", "segment", "normalise", "classify", "write")
+
+
+@dataclass(frozen=True)
+class FieldReading:
+    """One field of a page, segmented, waiting for classification.
+
+    Attributes:
+        bbox: (x, y, w, h) of the field in page pixels.
+        origin: page coordinates of the field image's (0, 0), to place digit boxes on the page.
+        kind: layout kind (``box``, ``line``, ``whole``).
+        candidates: candidate digits (ink dropped: only boxes and cut structure are kept).
+        first: index of this field's first candidate in the file's ``images`` stack.
+    """
+
+    bbox: tuple[int, int, int, int]
+    origin: tuple[int, int]
+    kind: str
+    candidates: FieldCandidates
+    first: int
+
+
+@dataclass(frozen=True)
+class PageReading:
+    """The fields of one page."""
+
+    index: int
+    fields: tuple[FieldReading, ...]
+    shape: tuple[int, int]
+    skew_degrees: float
+
+
+@dataclass
+class FileReading:
+    """Everything read from one file before classification.
+
+    Attributes:
+        path: the input file.
+        pages: its pages, in order (possibly fewer than the file has, if one failed).
+        images: (N, 28, 28) float32: every candidate digit of every field, normalised.
+        error: (stage, reason) if the file could not be read completely.
+        seconds: time spent per stage.
+    """
+
+    path: Path
+    pages: list[PageReading] = field(default_factory=list)
+    images: np.ndarray = field(default_factory=lambda: np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    error: tuple[str, str] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """The options a worker needs to read a file (small and picklable)."""
+
+    field_mode: str = "auto"
+    pdf_dpi: int = 300
+    max_megapixels: float = 200.0
+
+
+def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReading:
+    """Decode, lay out, segment and normalise every page of a file. Never raises for bad input.
+
+    A file that cannot be read comes back with ``error`` set to (stage, reason); pages read before
+    the failure are dropped too, so a file is either read whole or reported.
+    """
+    reading = FileReading(Path(path))
+    seconds = dict.fromkeys(STAGES[:4], 0.0)
+    images: list[np.ndarray] = []
+    stage = "load"
+    try:
+        pages = iter_pages(path, pdf_dpi=settings.pdf_dpi, max_megapixels=settings.max_megapixels)
+        while True:
+            stage, started = "load", time.perf_counter()
+            page = next(pages, None)
+            seconds["load"] += time.perf_counter() - started
+            if page is None:
+                break
+            stage = "layout"
+            reading.pages.append(_read_page(page.gray, page.index, page.dpi, settings, images, seconds))
+    except HwrError as e:
+        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds)
+    except Exception as e:  # a bug or an image that breaks OpenCV: report the file, keep the run going
+        log.debug("%s: unexpected error in %s", path, stage, exc_info=True)
+        return FileReading(Path(path), error=(stage, f"{path}: {type(e).__name__}: {e}"), seconds=seconds)
+    if images:
+        reading.images = np.stack(images)
+    reading.seconds = seconds
+    return reading
+
+
+def _read_page(
+    gray: np.ndarray,
+    index: int,
+    dpi: float | None,
+    settings: ReadSettings,
+    images: list[np.ndarray],
+    seconds: dict[str, float],
+) -> PageReading:
+    """Lay out one page and segment its fields; appends normalised candidates to ``images``."""
+    started = time.perf_counter()
+    layout = analyse_page(gray, mode=settings.field_mode, dpi=dpi)
+    seconds["layout"] += time.perf_counter() - started
+    fields = []
+    for found in layout.fields:
+        started = time.perf_counter()
+        candidates = segment_field_candidates(found.image)
+        seconds["segment"] += time.perf_counter() - started
+        started = time.perf_counter()
+        first = len(images)
+        images.extend(to_mnist(piece.ink) for piece in candidates.pieces)
+        seconds["normalise"] += time.perf_counter() - started
+        x, y, w, h = found.bbox
+        inner_x, inner_y, _, _ = found.inner
+        # The field image is the box plus a margin; its interior starts at `inner` within it.
+        origin = (x - inner_x, y - inner_y)
+        light = replace(candidates, pieces=tuple(DigitCrop(p.bbox, _NO_INK) for p in candidates.pieces))
+        fields.append(FieldReading(found.bbox, origin, found.kind, light, first))
+    return PageReading(index, tuple(fields), gray.shape[:2], layout.angle)
+
+
+_NO_INK = np.zeros((0, 0), np.float32)
+
+
+def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 1) -> Iterator[FileReading]:
+    """Read files in order, in ``jobs`` worker processes (1 = in this process).
+
+    At most a few files per worker are in flight, so memory stays flat however many files there are.
+    """
+    paths = list(paths)
+    if jobs <= 1 or len(paths) <= 1:
+        for path in paths:
+            yield read_file(path, settings)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker) as pool:
+        pending = []
+        queue = iter(paths)
+        for path in queue:
+            pending.append(pool.submit(read_file, path, settings))
+            if len(pending) >= 2 * jobs:
+                break
+        while pending:
+            future = pending.pop(0)
+            next_path = next(queue, None)
+            if next_path is not None:
+                pending.append(pool.submit(read_file, next_path, settings))
+            yield future.result()
+
+
+def _init_worker() -> None:
+    """Each worker is single-threaded: the parallelism is across files."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def classify_readings(
+    readings: list[FileReading], classifier: Classifier, *, min_confidence: float
+) -> tuple[list[dict], list[dict], float]:
+    """Classify the candidates of many files in one call, pick each field's reading, build table rows.
+
+    Returns:
+        (digit rows, field rows, seconds spent in the model).
+    """
+    stacks = [r.images for r in readings if len(r.images)]
+    started = time.perf_counter()
+    probabilities = predict_proba(classifier, np.concatenate(stacks)) if stacks else np.zeros((0, 0), np.float32)
+    seconds = time.perf_counter() - started
+    labels = classifier.labels
+    digit_rows: list[dict] = []
+    field_rows: list[dict] = []
+    offset = 0
+    for reading in readings:
+        file = str(reading.path)
+        for page in reading.pages:
+            for number, found in enumerate(page.fields, start=1):
+                pieces = found.candidates.pieces
+                field_probabilities = probabilities[offset + found.first : offset + found.first + len(pieces)]
+                chosen = choose_reading(found.candidates, field_probabilities) if len(pieces) else []
+                top = top_two(field_probabilities[chosen]) if chosen else None
+                digits = []
+                for position, piece_index in enumerate(chosen):
+                    px, py, pw, ph = pieces[piece_index].bbox
+                    confidence = float(top.confidence[position])
+                    digits.append(labels[top.label[position]])
+                    digit_rows.append(
+                        {
+                            "file": file, "page": page.index + 1, "field": number, "position": position + 1,
+                            "x": found.origin[0] + px, "y": found.origin[1] + py, "width": pw, "height": ph,
+                            "digit": labels[top.label[position]], "confidence": round(confidence, 4),
+                            "second_choice": labels[top.second[position]],
+                            "second_confidence": round(float(top.second_confidence[position]), 4),
+                            "flagged": confidence < min_confidence,
+                        }
+                    )
+                reasons = field_flags(found, chosen, top, min_confidence=min_confidence)
+                x, y, w, h = found.bbox
+                field_rows.append(
+                    {
+                        "file": file, "page": page.index + 1, "field": number, "x": x, "y": y, "width": w, "height": h,
+                        "digits": "".join(digits), "digit_count": len(digits),
+                        "min_confidence": round(float(top.confidence.min()), 4) if top is not None else None,
+                        "flagged": bool(reasons), "flag_reason": "; ".join(reasons),
+                    }
+                )
+        offset += len(reading.images)
+    return digit_rows, field_rows, seconds
+
+
+def field_flags(found: FieldReading, chosen: list[int], top, *, min_confidence: float) -> list[str]:
+    """Why a field needs a person's eye (empty list: it does not)."""
+    reasons = []
+    if not chosen:
+        reasons.append("no digits found")
+        return reasons
+    low = int((top.confidence < min_confidence).sum())
+    if low:
+        reasons.append(f"{low} digit(s) below confidence {min_confidence:g}")
+    height = found.candidates.digit_height
+    widths = [found.candidates.pieces[i].bbox[2] for i in chosen]
+    if height and max(widths) > 1.2 * height:
+        reasons.append("a digit is wider than it is tall (touching digits?)")
+    return reasons
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+class Progress(Protocol):
+    """Receives progress of a run (for a progress bar); called from the main process only."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, path: Path, outcome: str) -> None: ...
+
+
+@dataclass
+class BatchReport:
+    """What a run did: counts, time per stage, and where the results are."""
+
+    files_found: int = 0
+    processed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    stale: int = 0
+    pages: int = 0
+    digits: int = 0
+    fields: int = 0
+    flagged_fields: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    outputs: list[Path] = field(default_factory=list)
+    run_id: int | None = None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """ok, partial_failure (some files failed) or ctrl_c (stopped early)."""
+        if self.interrupted:
+            return ExitCode.ctrl_c
+        return ExitCode.partial_failure if self.failed else ExitCode.ok
+
+    @property
+    def pages_per_second(self) -> float:
+        return self.pages / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        """One line for the log."""
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        return (
+            f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped, "
+            f"{self.failed} failed, {self.stale} done with another model; {self.pages} pages, {self.fields} fields, "
+            f"{self.digits} digits, {self.flagged_fields} fields flagged; {self.seconds:.1f}s "
+            f"({self.pages_per_second:.2f} pages/s; {stages})"
+        )
+
+
+def run_batch(
+    options: Options,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Progress | None = None,
+) -> BatchReport:
+    """Process the scans named in ``options``: the whole batch job, safe to run unattended.
+
+    Takes the run lock, plans from the state database which files need work (new, changed,
+    or forced), reads them in worker processes, classifies their digits in large batches,
+    and after each batch rewrites the output tables atomically and then marks the files done,
+    so a crash at any moment loses nothing and a re-run duplicates nothing.
+
+    Args:
+        options: validated or not; see :class:`hwr_batch.config.Options`.
+        should_stop: polled between files; when it returns True the run finishes the files
+            already read, writes, and returns with ``interrupted`` set (SIGTERM/SIGINT).
+        progress: told how many files will be processed, then of each file's outcome.
+
+    Raises:
+        HwrError: for problems that stop the whole run (bad options, model, lock, state, output).
+    """
+    options = options.validated()
+    started = time.perf_counter()
+    report = BatchReport()
+    classifier = load_classifier(options.model)
+    files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude)
+    report.files_found = len(files)
+    with acquire_lock(options.state_dir), open_state(options.state_dir / STATE_DB_NAME) as db:
+        remove_stale_temp_files(options.out_dir) if options.out_dir.is_dir() else None
+        decisions = plan(
+            db, files, model_sha=classifier.sha256, force=options.force, retry_failed=options.retry_failed,
+            reprocess_stale=options.reprocess_stale,
+        )
+        todo = {d.path: d for d in decisions if d.process}
+        report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
+        run_id = begin_run(db, model_sha=classifier.sha256)
+        report.run_id = run_id
+        tables = read_tables(options.out_dir, options.fmt)
+        # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
+        unreadable = [(path, "find", reason) for path, reason in problems]
+        for d in decisions:
+            if d.kind == "unreadable":
+                unreadable.append((d.path, "read", d.error or "unreadable"))
+                mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
+        for path, stage, reason in unreadable:
+            log.error("%s", reason if str(path) in reason else f"{path}: {reason}")
+        tables = _replace_rows(tables, [str(p) for p, _, _ in unreadable], errors=[
+            {"file": str(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
+        ])
+        report.failed += len(unreadable)
+        log.info(
+            "%d files found: %d to process, %d already done or skipped, %d unreadable",
+            len(files), len(todo), report.skipped, len(unreadable),
+        )
+        if progress:
+            progress.start(len(todo))
+        settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels)
+        pending: list[FileReading] = []
+        pending_digits = 0
+        paths = _until(list(todo), should_stop, report)
+        for reading in iter_readings(paths, settings, jobs=options.jobs):
+            for stage, seconds in reading.seconds.items():
+                report.stage_seconds[stage] += seconds
+            pending.append(reading)
+            pending_digits += len(reading.images)
+            if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_WRITE:
+                tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
+                pending, pending_digits = [], 0
+        tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
+        if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
+            report.outputs = _write(tables, options, report)
+        report.stale = len(stale_files(db, classifier.sha256))
+        report.seconds = time.perf_counter() - started
+        finish_run(db, run_id, exit_status=int(report.exit_code), planned=len(decisions), skipped=report.skipped)
+    return report
+
+
+FILES_PER_WRITE = 64  # write outputs (and mark files done) at least this often
+STATE_DB_NAME = "state.sqlite3"
+
+
+def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchReport) -> Iterator[Path]:
+    """Yield paths until ``should_stop()``; then note the interruption."""
+    for path in paths:
+        if should_stop():
+            report.interrupted = True
+            log.warning("stopping: the files already read are finished and written; %s", "re-run to do the rest")
+            return
+        yield path
+
+
+def _commit_batch(
+    readings: list[FileReading],
+    tables: dict[str, pd.DataFrame],
+    todo: dict[Path, Decision],
+    db: StateDB,
+    classifier: Classifier,
+    options: Options,
+    report: BatchReport,
+    progress: Progress | None,
+) -> dict[str, pd.DataFrame]:
+    """Classify a batch of files, write the tables with their rows, then mark them in the state."""
+    if not readings:
+        return tables
+    good = [r for r in readings if r.error is None]
+    digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
+    report.stage_seconds["classify"] += seconds
+    error_rows = [
+        {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
+    ]
+    for r in readings:
+        if r.error:
+            log.error("%s", r.error[1] if str(r.path) in r.error[1] else f"{r.path}: {r.error[1]}")
+    tables = _replace_rows(tables, [str(r.path) for r in readings], digit_rows, field_rows, error_rows)
+    started = time.perf_counter()
+    report.outputs = _write(tables, options, report)
+    if options.annotate_dir:
+        annotate_files(good, digit_rows, field_rows, options)
+    report.stage_seconds["write"] += time.perf_counter() - started
+    # Only now, with the outputs on disk, are the files marked: a crash before this line means
+    # the next run processes them again and replaces (never duplicates) their rows.
+    digits_per_file = pd.Series([row["file"] for row in digit_rows], dtype="object").value_counts()
+    for r in readings:
+        decision = todo[r.path]
+        if r.error:
+            mark_failed(db, r.path, decision.fingerprint, stage=r.error[0], reason=r.error[1], run_id=report.run_id)
+            report.failed += 1
+        else:
+            digits = int(digits_per_file.get(str(r.path), 0))
+            mark_done(
+                db, r.path, decision.fingerprint, model_sha=classifier.sha256, pages=len(r.pages), digits=digits,
+                run_id=report.run_id,
+            )
+            report.processed += 1
+            report.pages += len(r.pages)
+            report.digits += digits
+        if progress:
+            progress.advance(r.path, "failed" if r.error else "done")
+    report.fields += len(field_rows)
+    report.flagged_fields += sum(row["flagged"] for row in field_rows)
+    return tables
+
+
+def _replace_rows(
+    tables: dict[str, pd.DataFrame],
+    files: list[str],
+    digits: list[dict] = (),
+    fields: list[dict] = (),
+    errors: list[dict] = (),
+) -> dict[str, pd.DataFrame]:
+    """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
+    keys = set(files) | {neutralise_cell(f) for f in files}  # tables read back hold neutralised names
+    new = {"digits": digits, "fields": fields, "errors": errors}
+    out = {}
+    for name, frame in tables.items():
+        kept = frame[~frame["file"].isin(keys)] if len(frame) else frame
+        added = to_frame(name, list(new[name]))
+        out[name] = pd.concat([kept, added], ignore_index=True) if len(added) and len(kept) else (added if len(added) else kept)
+    return out
+
+
+def _write(tables: dict[str, pd.DataFrame], options: Options, report: BatchReport) -> list[Path]:
+    ordered = {name: frame.sort_values(SORT_KEYS[name], kind="stable") for name, frame in tables.items()}
+    return write_tables(ordered, options.out_dir, options.fmt)
+
+
+SORT_KEYS = {"digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"]}
+
+
+def neutralise_cell(value: str) -> str:
+    """A file name as :func:`hwr_batch.atomic.neutralise_formulas` writes it to the tables."""
+    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
