@@ -158,6 +158,9 @@ def process(
     reprocess_stale: Annotated[
         bool, typer.Option("--reprocess-stale", help="Redo files read with a different model (otherwise only counted as stale).")
     ] = False,
+    batch_digits: Annotated[
+        int, typer.Option(min=1, help="Digits gathered per model call; outputs are also rewritten after each such batch.")
+    ] = 4096,
 ) -> int:
     """Read the handwritten digits in scanned forms and write them as tables.
 
@@ -194,6 +197,7 @@ def process(
         force=force,
         retry_failed=bool(params["retry_failed"]),
         reprocess_stale=bool(params["reprocess_stale"]),
+        batch_digits=int(params["batch_digits"]),
     )
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
         report = run_batch(options, should_stop=stop_requested, progress=progress)

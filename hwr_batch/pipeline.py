@@ -162,9 +162,9 @@ def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 
 
     At most a few files per worker are in flight, so memory stays flat however many files there are.
     """
-    paths = list(paths)
-    if jobs <= 1 or len(paths) <= 1:
-        for path in paths:
+    queue = iter(paths)  # consumed lazily: a stop request between files takes effect at once
+    if jobs <= 1:
+        for path in queue:
             yield read_file(path, settings)
         return
     import multiprocessing
@@ -173,7 +173,6 @@ def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker) as pool:
         pending = []
-        queue = iter(paths)
         for path in queue:
             pending.append(pool.submit(read_file, path, settings))
             if len(pending) >= 2 * jobs:
@@ -187,9 +186,17 @@ def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 
 
 
 def _init_worker() -> None:
-    """Each worker is single-threaded: the parallelism is across files."""
+    """Each worker is single-threaded (the parallelism is across files) and leaves signals to the main process.
+
+    Ctrl-C and systemd's SIGTERM reach every process of the group; the main process decides to
+    stop after the files in hand, and shuts the pool down itself.
+    """
+    import signal
+
     import cv2
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
 
 
@@ -375,7 +382,7 @@ def run_batch(
         pending: list[FileReading] = []
         pending_digits = 0
         paths = _until(list(todo), should_stop, report)
-        for reading in iter_readings(paths, settings, jobs=options.jobs):
+        for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
             for stage, seconds in reading.seconds.items():
                 report.stage_seconds[stage] += seconds
             pending.append(reading)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hwr_batch.mnist import LabelledImages, load_idx_pair
@@ -88,3 +89,46 @@ def cli():
         )
 
     return run
+
+
+def digit_strip(data: LabelledImages, indices: list[int], *, height: int = 48, gap: int = 10) -> np.ndarray:
+    """A field crop as a scanner would give it: the MNIST digits ``indices`` written left to right,
+    dark ink on light paper, ``height`` px tall. Returns (H, W) uint8."""
+    import cv2
+
+    pieces = []
+    for i in indices:
+        ink = data.images[i]
+        rows, cols = np.nonzero(ink > 20)
+        ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        scale = height / ink.shape[0]
+        pieces.append(cv2.resize(ink, (max(1, round(ink.shape[1] * scale)), height), interpolation=cv2.INTER_CUBIC))
+    width = sum(p.shape[1] for p in pieces) + gap * (len(pieces) + 1)
+    strip = np.zeros((height + 2 * gap, width), np.uint8)
+    x = gap
+    for piece in pieces:
+        strip[gap : gap + height, x : x + piece.shape[1]] = piece
+        x += piece.shape[1] + gap
+    return (235 - strip.astype(np.int32) * 215 // 255).astype(np.uint8)  # ink ~20 on paper 235
+
+
+@pytest.fixture(scope="session")
+def confident_digits(mnist_test_small, shipped_model) -> dict[int, list[int]]:
+    """Indices of fixture test digits the shipped model reads right with confidence > 0.99, per class.
+
+    Tests about plumbing (crash safety, bad input) use these, so that what they check is the
+    plumbing and not the model's hard cases.
+    """
+    from hwr_batch.classify import load_classifier, predict_proba
+    from hwr_batch.normalise import to_mnist
+
+    classifier = load_classifier(shipped_model)
+    raw = predict_proba(classifier, mnist_test_small.images)
+    # ... and read right again after the scan-and-normalise round trip the pipeline makes.
+    rescanned = np.stack([to_mnist(255 - digit_strip(mnist_test_small, [i])) for i in range(len(mnist_test_small))])
+    again = predict_proba(classifier, rescanned)
+    good: dict[int, list[int]] = {d: [] for d in range(10)}
+    for i, label in enumerate(mnist_test_small.labels):
+        if all(p.argmax() == label and p.max() > 0.99 for p in (raw[i], again[i])):
+            good[int(label)].append(i)
+    return good

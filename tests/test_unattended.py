@@ -1,0 +1,261 @@
+"""Nightly, unattended runs: incremental re-runs, the lock, SIGKILL and SIGTERM, bad input, exit codes.
+
+Every test runs the real `hwr-batch process` in a subprocess over real image files on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import digit_strip
+from hwr_batch.errors import ExitCode
+from hwr_batch.export import read_tables
+from hwr_batch.runlock import acquire_lock
+
+
+def write_scans(folder: Path, data, confident: dict[int, list[int]], count: int, *, seed: int = 0) -> dict[str, str]:
+    """Write ``count`` PNG field crops of 3-5 confidently-read MNIST digits; returns {absolute path: digits}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for n in range(count):
+        digits = rng.integers(0, 10, rng.integers(3, 6)).tolist()
+        indices = [confident[d][rng.integers(len(confident[d]))] for d in digits]
+        path = folder / f"scan_{n:03d}.png"
+        cv2.imwrite(str(path), digit_strip(data, indices))
+        truth[str(path.absolute())] = "".join(map(str, digits))
+    return truth
+
+
+def process_command(inputs: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hwr_batch", "process", str(inputs), "--out", str(out), "--jobs", "1", *extra]
+
+
+def fields_by_file(out: Path) -> dict[str, str]:
+    fields = read_tables(out)["fields"]
+    return dict(zip(fields["file"], fields["digits"].fillna("")))
+
+
+def canonical(tables: dict[str, pd.DataFrame]) -> dict[str, list[tuple]]:
+    """Tables as sorted lists of row tuples, for comparing runs regardless of row order."""
+    return {name: sorted(map(tuple, frame.astype(str).itertuples(index=False))) for name, frame in tables.items()}
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, mnist_test_small, confident_digits):
+    folder = tmp_path_factory.mktemp("scans")
+    return folder, write_scans(folder, mnist_test_small, confident_digits, 12)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, scans):
+    """The outputs of one uninterrupted run over `scans`."""
+    folder, truth = scans
+    out = tmp_path_factory.mktemp("reference")
+    result = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return read_tables(out)
+
+
+def test_uninterrupted_run_reads_every_scan(scans, reference):
+    folder, truth = scans
+    read = dict(zip(reference["fields"]["file"], reference["fields"]["digits"]))
+    assert read == truth
+    assert len(reference["digits"]) == sum(map(len, truth.values()))
+    assert reference["errors"].empty
+
+
+def test_rerun_with_nothing_new_reprocesses_nothing(tmp_path, scans, cli):
+    folder, truth = scans
+    out = tmp_path / "out"
+    first = cli("process", folder, "--out", out, "--jobs", "1")
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in out.glob("*.csv")}
+    second = cli("process", folder, "--out", out, "--jobs", "1")
+    assert second.returncode == 0, second.stderr
+    assert "0 to process, 12 already done or skipped" in second.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*.csv")} == before
+
+
+def test_changed_file_is_reprocessed_and_its_rows_replaced(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 4, seed=1)
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    changed = folder / "scan_002.png"
+    indices = [confident_digits[d][0] for d in (9, 0, 1)]
+    cv2.imwrite(str(changed), digit_strip(mnist_test_small, indices))
+    result = cli("process", folder, "--out", out, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "1 to process" in result.stderr
+    truth[str(changed.absolute())] = "901"
+    assert fields_by_file(out) == truth
+    digits = read_tables(out)["digits"]
+    assert len(digits) == sum(map(len, truth.values()))  # old rows replaced, not duplicated
+    forced = cli("process", folder, "--out", out, "--jobs", "1", "--force")
+    assert "4 to process" in forced.stderr and fields_by_file(out) == truth
+
+
+def test_second_run_exits_at_once_with_the_lock_code(tmp_path, scans, cli):
+    folder, _ = scans
+    out = tmp_path / "out"
+    with acquire_lock(out / ".hwr-batch"):  # this test process is the run in progress
+        started = time.monotonic()
+        result = cli("process", folder, "--out", out)
+        elapsed = time.monotonic() - started
+    assert result.returncode == ExitCode.lock_held
+    assert f"pid {os.getpid()}" in result.stderr
+    assert elapsed < 30  # it does not wait for the lock (generous bound: interpreter start-up only)
+    assert not (out / "digits.csv").exists()
+
+
+def check_partial_outputs(out: Path, reference: dict[str, pd.DataFrame]) -> int:
+    """Outputs left by a killed run: valid tables, and every file in them has exactly its reference rows."""
+    if not (out / "fields.csv").exists():
+        return 0
+    tables = read_tables(out)
+    files = set(tables["fields"]["file"])
+    for name in ("digits", "fields"):
+        got = tables[name][tables[name]["file"].isin(files)]
+        want = reference[name][reference[name]["file"].isin(files)]
+        assert canonical({name: got}) == canonical({name: want})
+    return len(files)
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_loses_and_duplicates_nothing(tmp_path, scans, reference):
+    folder, _ = scans
+    partial_counts = []
+    for attempt, delay in enumerate((0.2, 0.0, 0.4)):
+        out = tmp_path / f"out{attempt}"
+        # Small batches, so the outputs are rewritten (and files marked done) many times per run.
+        process = subprocess.Popen(process_command(folder, out, "--batch-digits", "8"), stderr=subprocess.DEVNULL)
+        if attempt == 0:
+            time.sleep(delay)  # before the first output: during start-up
+        else:
+            deadline = time.monotonic() + 120
+            while not (out / "fields.csv").exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(delay)  # right after the first write, or a little later
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        partial_counts.append(check_partial_outputs(out, reference))
+        leftovers = [p.name for p in out.glob(".*tmp*")] if out.exists() else []
+        rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert canonical(read_tables(out)) == canonical(reference), f"kill point {attempt}"
+        assert not any(p.name in leftovers for p in out.glob(".*tmp*"))  # temp files of the dead run are gone
+    assert partial_counts[0] == 0 and max(partial_counts) < 12  # the kills did land mid-run
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path, mnist_test_small, confident_digits):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 40, seed=5)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        process_command(folder, out, "--batch-digits", "8"), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "fields.csv").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == ExitCode.ctrl_c, stderr
+    assert "SIGTERM received" in stderr
+    partial = fields_by_file(out)
+    assert 0 < len(partial) < 40
+    assert partial == {path: truth[path] for path in partial}  # what was written is complete and right
+    rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{40 - len(partial)} to process" in rerun.stderr
+    assert fields_by_file(out) == truth
+
+
+def write_bad_files(folder: Path) -> dict[str, str]:
+    """Every kind of bad input; returns {absolute path: a phrase its error must contain}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bad: dict[str, str] = {}
+
+    def add(name: str, phrase: str) -> Path:
+        path = folder / name
+        bad[str(path.absolute())] = phrase
+        return path
+
+    add("empty.png", "empty file").write_bytes(b"")
+    good_png = cv2.imencode(".png", np.full((40, 60), 200, np.uint8))[1].tobytes()
+    add("truncated.png", "truncated or corrupt").write_bytes(good_png[: len(good_png) // 2])
+    jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8))[1].tobytes()
+    add("corrupt.jpg", "truncated or corrupt").write_bytes(jpeg[:300] + bytes(200) + b"\xff\xd9")
+    add("notes.png", "not an image or PDF").write_text("this is a text file with an image suffix\n")
+    add("broken.pdf", "broken PDF").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n%%EOF\n")
+    from PIL import Image
+
+    bomb = add("bomb.png", "over the 50 MP limit")
+    Image.new("1", (10000, 10000)).save(bomb)  # 100 MP of nothing: tiny on disk
+    (folder / "dangling.png").symlink_to(folder / "no-such-target.png")
+    bad[str((folder / "dangling.png").absolute())] = ""
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    bad[str((folder / "loop.png").absolute())] = ""
+    os.mkfifo(folder / "pipe.png")
+    bad[str((folder / "pipe.png").absolute())] = "not a regular file"
+    return bad
+
+
+def odd_mode_scans(folder: Path, data, confident) -> dict[str, str]:
+    """Good scans in odd image modes and with awkward names; returns {absolute path: digits}."""
+    from PIL import Image
+
+    strip = digit_strip(data, [confident[4][0], confident[2][0], confident[7][0]])
+    truth = {}
+
+    def save(name: str, image: Image.Image, **kwargs) -> None:
+        path = folder / name
+        image.save(path, **kwargs)
+        truth[str(path.absolute())] = "427"
+
+    gray = Image.fromarray(strip)
+    save("sixteen bit.png", Image.fromarray(strip.astype(np.uint16) * 257))
+    save("cmyk, scan.jpg", gray.convert("CMYK"), quality=95)
+    rgba = gray.convert("RGBA")
+    rgba.putalpha(255)
+    save('alpha "quoted".png', rgba)
+    save("palette_ß_東京.png", gray.convert("P"))
+    save("new\nline.png", gray)
+    save("=formula.png", gray)
+    save("multi page.tif", gray, save_all=True, append_images=[gray])
+    truth[str((folder / "multi page.tif").absolute())] = "427"  # one field per page, both "427"
+    return truth
+
+
+@pytest.mark.slow
+def test_a_folder_of_bad_files_fails_only_those(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "inbox"
+    good = write_scans(folder, mnist_test_small, confident_digits, 3, seed=3)
+    good.update(odd_mode_scans(folder, mnist_test_small, confident_digits))
+    bad = write_bad_files(folder)
+    out = tmp_path / "out"
+    result = cli("process", folder, "--out", out, "--max-megapixels", "50")
+    assert result.returncode == ExitCode.partial_failure, result.stderr
+
+    tables = read_tables(out)
+    errors = dict(zip(tables["errors"]["file"], tables["errors"]["reason"]))
+    assert set(errors) == set(bad)
+    for path, phrase in bad.items():
+        assert phrase in errors[path], (path, errors[path])
+        assert Path(path).name in result.stderr  # and a log line names it
+    fields = tables["fields"]
+    read = fields.groupby("file")["digits"].apply(lambda s: "|".join(s)).to_dict()
+    expected = {path: digits if not path.endswith(".tif") else "427|427" for path, digits in good.items()}
+    assert read == expected
+    assert (out / "digits.csv").read_text(encoding="utf-8").count("palette_ß_東京.png") == 3
