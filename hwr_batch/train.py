@@ -255,8 +255,7 @@ def train(
     history = {k: [float(v) for v in values] for k, values in fit.history.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keras_path = out_dir / f"{name}.keras"
-    model.save(keras_path)
+    keras_path = save_for_inference(model, out_dir / f"{name}.keras")
     labels = labels_for(num_classes)
     onnx_path = export_onnx(model, out_dir / f"{name}.onnx", labels=labels)
     best = int(np.argmin(history["val_loss"]))
@@ -285,6 +284,14 @@ def train(
     curves_path = plot_history(history, out_dir / f"{name}-curves.png")
     log.info("wrote %s, %s, %s, %s", keras_path, onnx_path, record_path, curves_path)
     return TrainResult(keras_path, onnx_path, record_path, curves_path, history, history["val_accuracy"][best])
+
+
+def save_for_inference(model: keras.Model, path: Path) -> Path:
+    """Save the weights in a fresh, uncompiled copy of the architecture: no optimizer state (1.7 MB, not 5)."""
+    clean = build_model(int(model.output_shape[-1]))
+    clean.set_weights(model.get_weights())
+    clean.save(path)
+    return Path(path)
 
 
 def export_onnx(model: keras.Model | Path, onnx_path: Path, *, labels: str | None = None) -> Path:

@@ -199,7 +199,13 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     add("corrupt.jpg", "truncated or corrupt").write_bytes(jpeg[:300] + bytes(200) + b"\xff\xd9")
     add("notes.png", "not an image or PDF").write_text("this is a text file with an image suffix\n")
     add("broken.pdf", "broken PDF").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n%%EOF\n")
+    from pypdf import PdfWriter
     from PIL import Image
+
+    locked = PdfWriter()
+    locked.add_blank_page(595, 842)
+    locked.encrypt("secret")
+    locked.write(add("locked.pdf", "encrypted (password protected)"))
 
     bomb = add("bomb.png", "over the 50 MP limit")
     Image.new("1", (10000, 10000)).save(bomb)  # 100 MP of nothing: tiny on disk
