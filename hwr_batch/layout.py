@@ -49,13 +49,16 @@ class Field:
         kind: ``"box"`` (incl. combs), ``"line"`` (a run of handwriting) or ``"whole"``.
         inner: (x, y, w, h) of the box's interior in ``image`` (whole image for line/whole).
         cells: comb cells as (x0, x1) column ranges in ``image``, left to right; empty for a plain box.
+        to_page: 2x3 affine taking ``image`` pixel coordinates to original page coordinates
+            (e.g. to draw a digit's box on the scan): ``page_xy = to_page @ (x, y, 1)``.
     """
 
     bbox: tuple[int, int, int, int]
-    image: np.ndarray = field(repr=False)
+    image: np.ndarray = field(repr=False, compare=False)
     kind: str
     inner: tuple[int, int, int, int] = (0, 0, 0, 0)
     cells: tuple[tuple[int, int], ...] = ()
+    to_page: np.ndarray = field(default_factory=lambda: np.array([[1.0, 0, 0], [0, 1.0, 0]]), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,13 @@ def _to_page(m_inv: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int
     return int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0))
 
 
+def _shifted(m_inv: np.ndarray, x0: int, y0: int) -> np.ndarray:
+    """``m_inv`` (deskewed page -> page) preceded by a shift from crop to deskewed page coordinates."""
+    out = m_inv.copy()
+    out[:, 2] += m_inv[:, :2] @ np.array([x0, y0], np.float64)
+    return out
+
+
 def _reading_order(boxes: list[tuple[int, int, int, int]]) -> list[int]:
     """Indices of ``boxes`` top to bottom, left to right (a box joins a row if its centre is inside it)."""
     order = sorted(range(len(boxes)), key=lambda i: boxes[i][1])
@@ -232,7 +242,46 @@ def _ruled(hor: np.ndarray, ver: np.ndarray, hole: tuple[int, int, int, int], pa
     return bool(min(top, bottom) >= 0.85 and min(left, right) >= 0.7)
 
 
-def _find_boxes(bw: np.ndarray, px_mm: float, min_h_mm: float = 6.0) -> list[tuple[tuple[int, int, int, int], list[tuple[int, int, int, int]]]]:
+def _merge_split_holes(holes: list[tuple[int, int, int, int]], hor: np.ndarray, ver: np.ndarray, px_mm: float) -> list[tuple[int, int, int, int]]:
+    """Merge neighbouring holes of one frame that are separated by a pen stroke rather than a printed line.
+
+    A straight stretch of handwriting can survive the line openings and cut a box's interior in two;
+    a printed separator spans the whole side it divides, a stroke does not.
+    """
+    holes = list(holes)
+    gap = int(2.5 * px_mm) + 3
+    merged = True
+    while merged and len(holes) > 1:
+        merged = False
+        for i in range(len(holes)):
+            for j in range(i + 1, len(holes)):
+                (ax, ay, aw, ah), (bx, by, bw, bh) = holes[i], holes[j]
+                x0, y0 = min(ax, bx), min(ay, by)
+                x1, y1 = max(ax + aw, bx + bw), max(ay + ah, by + bh)
+                ox = min(ax + aw, bx + bw) - max(ax, bx)
+                oy = min(ay + ah, by + bh) - max(ay, by)
+                if ox > 0.6 * min(aw, bw) and -gap <= oy <= 0.8 * min(ah, bh):  # stacked
+                    g0, g1 = sorted((min(ay + ah, by + bh), max(ay, by)))
+                    if hor[g0 - 1 : g1 + 2, x0:x1].mean(axis=1).max(initial=0) >= 0.9 * 255:
+                        continue  # divided by a full-width printed rule
+                elif oy > 0.6 * min(ah, bh) and -gap <= ox <= 0.8 * min(aw, bw):  # side by side
+                    g0, g1 = sorted((min(ax + aw, bx + bw), max(ax, bx)))
+                    if ver[y0:y1, g0 - 1 : g1 + 2].mean(axis=0).max(initial=0) >= 0.9 * 255:
+                        continue  # divided by a full-height printed separator
+                else:
+                    continue
+                holes[i] = (x0, y0, x1 - x0, y1 - y0)
+                del holes[j]
+                merged = True
+                break
+            if merged:
+                break
+    return holes
+
+
+def _find_boxes(
+    bw: np.ndarray, px_mm: float, min_h_mm: float = 6.0
+) -> list[tuple[tuple[int, int, int, int], list[tuple[int, int, int, int]]]]:
     """Box interiors in a deskewed ink mask: [(interior (x, y, w, h), cell interiors)], cells left to right."""
     hor = _open(bw, int(4.5 * px_mm), 1)
     ver = _open(bw, 1, int(4.5 * px_mm))
@@ -240,17 +289,26 @@ def _find_boxes(bw: np.ndarray, px_mm: float, min_h_mm: float = 6.0) -> list[tup
     contours, hier = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hier is None:
         return []
-    holes: dict[int, list[tuple[int, int, int, int]]] = {}
+    raw: dict[int, list[tuple[int, int, int, int]]] = {}
+    area: dict[tuple[int, int, int, int], float] = {}
     H, W = bw.shape
     for c, (_, _, _, parent) in zip(contours, hier[0]):
         if parent < 0:
             continue
         x, y, w, h = cv2.boundingRect(c)
-        if not (min_h_mm * px_mm <= h <= 45 * px_mm and w >= 2.5 * px_mm and w <= 0.99 * W):
+        if h < 1.0 * px_mm or w < 1.0 * px_mm:
             continue
-        if cv2.contourArea(c) < 0.8 * w * h or not _ruled(hor, ver, (x, y, w, h)):
-            continue
-        holes.setdefault(parent, []).append((x, y, w, h))
+        raw.setdefault(parent, []).append((x, y, w, h))
+        area[(x, y, w, h)] = cv2.contourArea(c)
+    holes: dict[int, list[tuple[int, int, int, int]]] = {}
+    for parent, hs in raw.items():
+        for x, y, w, h in _merge_split_holes(hs, hor, ver, px_mm):
+            if not (min_h_mm * px_mm <= h <= 45 * px_mm and w >= 2.5 * px_mm and w <= 0.99 * W):
+                continue
+            inside = sum(area[b] for b in hs if b[0] >= x and b[1] >= y and b[0] + b[2] <= x + w and b[1] + b[3] <= y + h)
+            if inside < 0.5 * w * h or not _ruled(hor, ver, (x, y, w, h)):
+                continue
+            holes.setdefault(parent, []).append((x, y, w, h))
     out = []
     for cells in holes.values():
         # Split a frame's holes into rows; a row of >= 2 cells is a comb.
@@ -303,12 +361,19 @@ def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float,
     keep_v = np.zeros(n, bool)
     ticks = []
     for i in range(1, n):
-        x, y, w, h, _ = stats[i]
-        if w > 1.6 * thick + 3:
+        x, y, w, h, area = stats[i]
+        if w > 1.6 * thick + 3 or area > (thick + 2) * h:  # a printed line is thin all along
             continue
         side = abs(x + w / 2 - ix) < band or abs(x + w / 2 - ix - iw) < band
         if not (touching[i] or side):
             continue
+        if not side:
+            # A tick stays on its side of the line; a pen stroke that reaches the line usually goes on.
+            gap = thick + 3
+            above = ink[max(0, iy - gap - 4) : max(0, iy - gap), x : x + w] if y < iy + band else None
+            below = ink[iy + ih + gap : iy + ih + gap + 4, x : x + w] if y + h > iy + ih - band else None
+            if any(b is not None and b.size and b.any() for b in (above, below)):
+                continue
         keep_v[i] = True
         cx = x + w / 2
         if ix + 0.5 * thick + 3 < cx < ix + iw - 0.5 * thick - 3 and not side:
@@ -319,12 +384,16 @@ def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float,
     for x in (ix - thick // 2, ix + iw + thick // 2, *seps):
         x0, x1 = max(0, x - r), min(W, x + r + 1)
         vmask[:, x0:x1] |= ver[:, x0:x1]
-    lines = cv2.dilate(hor | vmask, np.ones((3, 3), np.uint8))
+    # Remove the lines, except under strokes that touch or cross them: a line pixel stays if ink lies
+    # right next to the line in the same column (horizontal lines) or row (vertical lines).
+    hl = cv2.dilate(hor, np.ones((3, 3), np.uint8))
+    vl = cv2.dilate(vmask, np.ones((3, 3), np.uint8))
+    lines = hl | vl
     rest = ink & ~lines
-    k = 2 * thick + 5
-    bridged = cv2.morphologyEx(rest, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (1, k)))
-    bridged |= cv2.morphologyEx(rest, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (k, 1)))
-    keep = rest | (bridged & lines)
+    adj = rest & cv2.dilate(lines, np.ones((5, 5), np.uint8))
+    k = 2 * thick + 7
+    keep = rest | (hl & cv2.dilate(adj, cv2.getStructuringElement(cv2.MORPH_RECT, (1, k))))
+    keep |= vl & ~hl & cv2.dilate(adj, cv2.getStructuringElement(cv2.MORPH_RECT, (k, 1)))
     # Keep only ink that reaches into the box interior.
     n, labels = cv2.connectedComponents(keep, connectivity=8)
     good = np.bincount(labels[iy + thick : iy + ih - thick, ix + thick : ix + iw - thick].ravel(), minlength=n) > 0
@@ -340,13 +409,13 @@ def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float,
     return out, merged
 
 
-def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.ndarray) -> list[Field]:
+def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.ndarray, min_box_mm: float) -> list[Field]:
     px_mm_small = dpi * s / MM_PER_INCH
     px_mm = dpi / MM_PER_INCH
     m_inv = cv2.invertAffineTransform(m)
     H, W = gray.shape
     found = []
-    for (x, y, w, h), cells in _find_boxes(bw, px_mm_small):
+    for (x, y, w, h), cells in _find_boxes(bw, px_mm_small, min_box_mm):
         # Interior in deskewed full-resolution pixels (the grid was dilated by 1 px at small scale).
         ix, iy = (x - 0.5) / s, (y - 0.5) / s
         iw, ih = (w + 1) / s, (h + 1) / s
@@ -362,7 +431,7 @@ def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.nd
         cell_ranges = tuple((a, b) for a, b in zip(bounds[:-1], bounds[1:])) if len(bounds) > 2 else ()
         lt = max(1, int(0.15 * px_mm))  # half a typical line width: the truth boxes include the border
         outer = (int(round(ix)) - lt, int(round(iy)) - lt, int(round(iw)) + 2 * lt, int(round(ih)) + 2 * lt)
-        found.append(Field(_to_page(m_inv, outer, gray.shape), image, "box", inner, cell_ranges))
+        found.append(Field(_to_page(m_inv, outer, gray.shape), image, "box", inner, cell_ranges, _shifted(m_inv, bx0, by0)))
     order = _reading_order([f.bbox for f in found])
     return [found[i] for i in order]
 
@@ -425,11 +494,15 @@ def _line_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.n
         y0 = min(c[1] for c in run)
         x1 = max(c[0] + c[2] for c in run)
         y1 = max(c[1] + c[3] for c in run)
-        pad = 0.15 * med
+        pad = 0.3 * med
         bx0, by0 = int((x0 - pad) / s), int((y0 - pad) / s)
         bw_, bh_ = int((x1 - x0 + 2 * pad) / s), int((y1 - y0 + 2 * pad) / s)
         img = _cut(gray, m, (bx0, by0, bw_, bh_))
-        out.append(Field(_to_page(m_inv, (bx0, by0, bw_, bh_), gray.shape), img, "line", (0, 0, bw_, bh_)))
+        p = int(pad / s)
+        inner = (p, p, bw_ - 2 * p, bh_ - 2 * p)
+        img, _ = _clean_box(img, inner, dpi / MM_PER_INCH)  # drops the rule under the digits and stray ink
+        core = (bx0 + p, by0 + p, inner[2], inner[3])  # the run's ink, without the margin
+        out.append(Field(_to_page(m_inv, core, gray.shape), img, "line", inner, (), _shifted(m_inv, bx0, by0)))
     order = _reading_order([f.bbox for f in out])
     return [out[i] for i in order]
 
@@ -437,7 +510,14 @@ def _line_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.n
 # --------------------------------------------------------------------------------------- API
 
 
-def analyse_page(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = None, max_angle: float = 6.0) -> Layout:
+def analyse_page(
+    gray: np.ndarray,
+    *,
+    mode: str = "auto",
+    dpi: float | None = None,
+    max_angle: float = 6.0,
+    min_box_mm: float = 6.0,
+) -> Layout:
     """Deskew a page and find its fields.
 
     Args:
@@ -445,6 +525,8 @@ def analyse_page(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = No
         mode: ``"auto"``, ``"boxes"``, ``"whole"`` or ``"lines"`` (see module docstring).
         dpi: the scan's resolution; default :func:`guess_dpi` (A4/Letter page size, else 300).
         max_angle: largest skew considered, in degrees.
+        min_box_mm: smallest box interior height taken as a field (smaller closed shapes, such as the
+            loop of a big handwritten 0, are not boxes).
 
     Returns:
         A :class:`Layout` with the skew angle and the fields in reading order.
@@ -472,7 +554,7 @@ def analyse_page(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = No
         angle = angle if abs(angle) > 0.02 else 0.0
         m = _rotation(gray.shape, angle)
     if mode in ("auto", "boxes"):
-        fields = _box_fields(gray, bw, s, dpi, m)
+        fields = _box_fields(gray, bw, s, dpi, m, min_box_mm)
         if fields or mode == "boxes":
             return Layout(angle, fields, "boxes", dpi)
         if H < SMALL_IMAGE_PX:
@@ -480,6 +562,6 @@ def analyse_page(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = No
     return Layout(angle, _line_fields(gray, bw, s, dpi, m), "lines", dpi)
 
 
-def find_fields(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = None) -> list[Field]:
-    """The fields of a page in reading order: ``analyse_page(gray, mode=mode, dpi=dpi).fields``."""
-    return analyse_page(gray, mode=mode, dpi=dpi).fields
+def find_fields(gray: np.ndarray, *, mode: str = "auto", dpi: float | None = None, **options: float) -> list[Field]:
+    """The fields of a page in reading order: ``analyse_page(gray, mode=mode, dpi=dpi, **options).fields``."""
+    return analyse_page(gray, mode=mode, dpi=dpi, **options).fields

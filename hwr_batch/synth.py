@@ -33,7 +33,7 @@ from .mnist import DATA_DIR_ENV, LabelledImages, load_mnist
 
 MM_PER_INCH = 25.4
 A4_MM = (210.0, 297.0)
-FORMATS = ("png", "jpg", "tif", "tif-g4", "tif-multi", "pdf")
+FORMATS = ("png", "jpg", "tif", "tif-g4", "tif-multi", "tif-g4-multi", "pdf")
 
 _TITLES = (
     "ORDER FORM", "DELIVERY NOTE", "CLAIM FORM", "REGISTRATION", "STOCK RETURN", "PAYMENT SLIP",
@@ -93,7 +93,7 @@ class FormSpec:
     min_digits: int = 1
     max_digits: int = 10
     comb_prob: float = 0.35
-    touch_prob: float = 0.12
+    touch_prob: float = 0.05
     cross_prob: float = 0.2
     max_fields: int = 14
 
@@ -200,7 +200,7 @@ def _field_plain(page: _Page, rng: np.random.Generator, digits: LabelledImages, 
     idxs = rng.integers(len(digits), size=n)
     sizes = [max(8, int(round(dh * rng.uniform(0.9, 1.1)))) for _ in range(n)]
     alphas = [_scaled_digit(_digit_ink(digits, int(i)), s) for i, s in zip(idxs, sizes)]
-    gaps = [dh * (rng.uniform(-0.1, 0.0) if rng.random() < spec.touch_prob else rng.uniform(0.08, 0.35)) for _ in range(n)]
+    gaps = [dh * (rng.uniform(-0.06, 0.0) if rng.random() < spec.touch_prob else rng.uniform(0.1, 0.4)) for _ in range(n)]
     pad_l = int(dh * rng.uniform(0.2, 0.7))
     pad_r = int(dh * rng.uniform(0.2, 2.5))
     widths = [a.shape[1] for a in alphas]
@@ -287,7 +287,7 @@ def _field_line(page: _Page, rng: np.random.Generator, digits: LabelledImages, s
     def place(i: int, a: np.ndarray) -> tuple[int, int]:
         h, w = a.shape
         if i:
-            gap = dh * (rng.uniform(-0.08, 0.0) if rng.random() < spec.touch_prob else rng.uniform(0.1, 0.4))
+            gap = dh * (rng.uniform(-0.06, 0.0) if rng.random() < spec.touch_prob else rng.uniform(0.1, 0.4))
             cursor[0] += int(gap)
         px = cursor[0]
         cursor[0] += w
@@ -507,6 +507,7 @@ def write_forms(
 
     Formats: ``png``, ``jpg``, ``tif`` (8-bit LZW, one file per page), ``tif-g4`` (1-bit CCITT G4,
     Otsu-binarised, one file per page), ``tif-multi`` (all pages in one multi-page LZW ``pages.tif``),
+    ``tif-g4-multi`` (all pages in one multi-page 1-bit G4 ``pages_g4.tif``),
     ``pdf`` (all pages in one ``pages.pdf``, via Pillow). Each JSON's ``files`` lists where its page
     went (``path`` relative to ``out_dir``, and ``frame``: the page's index in a multi-page file).
 
@@ -524,7 +525,8 @@ def write_forms(
     out.mkdir(parents=True, exist_ok=True)
     digits = _digits_from(data_dir, digits)
     written: list[Path] = []
-    multi: dict[str, list[Image.Image]] = {"tif-multi": [], "pdf": []}
+    multi: dict[str, list[Image.Image]] = {"tif-multi": [], "tif-g4-multi": [], "pdf": []}
+    multi_names = {"tif-multi": "pages.tif", "tif-g4-multi": "pages_g4.tif", "pdf": "pages.pdf"}
     multi_dpi = 300
     for k in range(start, start + n):
         rng = np.random.default_rng([seed, k])
@@ -549,10 +551,13 @@ def write_forms(
                 path = out / f"{stem}_g4.tif"
                 _save_g4(img, path, page_dpi)
             else:
-                multi[fmt].append(Image.fromarray(img))
+                if fmt == "tif-g4-multi":
+                    _, bw = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+                    multi[fmt].append(Image.fromarray(bw).convert("1"))
+                else:
+                    multi[fmt].append(Image.fromarray(img))
                 multi_dpi = page_dpi
-                truth["files"].append({"path": "pages.tif" if fmt == "tif-multi" else "pages.pdf",
-                                       "frame": len(multi[fmt]) - 1})
+                truth["files"].append({"path": multi_names[fmt], "frame": len(multi[fmt]) - 1})
                 continue
             written.append(path)
             truth["files"].append({"path": path.name, "frame": 0})
@@ -561,6 +566,11 @@ def write_forms(
         path = out / "pages.tif"
         first, *rest = multi["tif-multi"]
         first.save(path, save_all=True, append_images=rest, compression="tiff_lzw", dpi=(multi_dpi, multi_dpi))
+        written.append(path)
+    if multi["tif-g4-multi"]:
+        path = out / "pages_g4.tif"
+        first, *rest = multi["tif-g4-multi"]
+        first.save(path, save_all=True, append_images=rest, compression="group4", dpi=(multi_dpi, multi_dpi))
         written.append(path)
     if multi["pdf"]:
         path = out / "pages.pdf"

@@ -1,0 +1,124 @@
+"""Page layout on generated forms: boxes found where the truth says, deskew, no printed text, modes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from hwr_batch.layout import Field, analyse_page, deskew, estimate_skew, find_fields
+from hwr_batch.synth import CLEAN_SCAN, FormSpec, make_form
+
+
+def iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return ix * iy / (aw * ah + bw * bh - ix * iy)
+
+
+@pytest.fixture(scope="module")
+def pages(mnist_test_small):
+    """Three scanned boxed forms at 300, 250 and 200 dpi with skews of +2.6, -1.4 and -2.9 degrees."""
+    out = []
+    for k, (dpi, skew) in enumerate(((300, 2.6), (250, -1.4), (200, -2.9))):
+        img, truth = make_form(np.random.default_rng([11, k]), mnist_test_small, dpi=dpi, skew_deg=skew)
+        out.append((img, truth, analyse_page(img)))
+    return out
+
+
+def test_boxes_match_truth(pages):
+    for img, truth, layout in pages:
+        assert layout.mode == "boxes"
+        assert len(layout.fields) == len(truth["fields"])
+        for f, t in zip(layout.fields, truth["fields"]):  # same reading order as the truth
+            assert f.kind == "box"
+            assert iou(f.bbox, t["bbox"]) > 0.8, (f.bbox, t["bbox"])
+
+
+def test_deskew_angle(pages):
+    for img, truth, layout in pages:
+        assert abs(layout.angle - truth["skew_deg"]) < 0.5
+        assert abs(estimate_skew(img) - truth["skew_deg"]) < 0.5
+
+
+def test_printed_labels_are_not_fields(pages):
+    for img, truth, layout in pages:
+        for mode in ("auto", "boxes"):
+            fields = layout.fields if mode == "auto" else find_fields(img, mode=mode)
+            for f in fields:
+                assert any(iou(f.bbox, t["bbox"]) > 0.5 for t in truth["fields"])
+            for p in truth["printed"]:
+                assert not any(iou(f.bbox, p["bbox"]) > 0.3 for f in fields), p["text"]
+
+
+def test_field_images_have_no_box_lines(mnist_test_small):
+    img, truth = make_form(np.random.default_rng(21), mnist_test_small, dpi=300, scan=CLEAN_SCAN)
+    layout = analyse_page(img)
+    assert layout.angle == 0.0
+    for f, t in zip(layout.fields, truth["fields"]):
+        x, y, w, h = f.inner
+        dark = f.image < 128
+        # The printed rectangle's rows/columns are gone: only handwriting crossing them can stay dark.
+        for band in (dark[max(0, y - 4) : y + 4], dark[y + h - 4 : y + h + 4]):
+            assert band.any(axis=0).mean() < 0.35, t["text"]
+        if t["kind"] == "comb":
+            assert len(f.cells) == t["cells"]
+        # Handwriting survives: about as much ink as the truth digits cover.
+        assert dark[y : y + h, x : x + w].sum() > 0.1 * sum(d["bbox"][2] * d["bbox"][3] for d in t["digits"])
+
+
+def test_whole_mode_on_a_crop(pages):
+    img, truth, layout = pages[0]
+    t = truth["fields"][0]
+    f = layout.fields[0]
+    # A crop of one field, cut from the deskewed page inside its box: too small for a page, no box: whole.
+    page = deskew(img, layout.angle)
+    m = cv2.getRotationMatrix2D((img.shape[1] / 2, img.shape[0] / 2), -layout.angle, 1.0)
+    cx, cy = m @ np.array([t["bbox"][0] + t["bbox"][2] / 2, t["bbox"][1] + t["bbox"][3] / 2, 1.0])
+    _, _, iw, ih = f.inner
+    crop = page[int(cy - ih / 2 + 8) : int(cy + ih / 2 - 8), int(cx - iw / 2 + 8) : int(cx + iw / 2 - 8)]
+    whole = analyse_page(crop)
+    assert whole.mode == "whole" and len(whole.fields) == 1
+    assert whole.fields[0].kind == "whole" and whole.fields[0].bbox == (0, 0, crop.shape[1], crop.shape[0])
+    assert find_fields(crop, mode="whole")[0].image is crop
+    # With its box around it, the crop is read as a box.
+    boxed = page[int(cy - ih) : int(cy + ih), int(cx - iw / 2 - 40) : int(cx + iw / 2 + 40)]
+    fields = find_fields(boxed)
+    assert len(fields) == 1 and fields[0].kind == "box"
+
+
+def test_blank_pages(mnist_test_small):
+    rng = np.random.default_rng(0)
+    blank = np.clip(rng.normal(235, 4, (3508, 2480)), 0, 255).astype(np.uint8)
+    assert find_fields(blank) == []
+    assert find_fields(blank, mode="boxes") == []
+    layout = analyse_page(np.full((300, 500), 255, np.uint8))
+    assert layout.mode == "whole" and len(layout.fields) == 1  # a small crop is one field, even if empty
+
+
+def test_lines_mode_on_an_unboxed_page(mnist_test_small):
+    img, truth = make_form(np.random.default_rng(31), mnist_test_small, dpi=200, spec=FormSpec(style="lines"))
+    layout = analyse_page(img)
+    assert layout.mode == "lines"
+    inks = []
+    for t in truth["fields"]:
+        b = np.array([d["bbox"] for d in t["digits"]])
+        inks.append((*b[:, :2].min(axis=0), *(b[:, :2] + b[:, 2:]).max(axis=0) - b[:, :2].min(axis=0)))
+    found = sum(any(iou(f.bbox, ink) > 0.5 for f in layout.fields) for ink in inks)
+    assert found >= 0.8 * len(inks)
+    for f in layout.fields:
+        assert f.kind == "line"
+        assert any(iou(f.bbox, ink) > 0.2 for ink in inks)  # no printed title or label is a field
+
+
+def test_field_is_frozen(pages):
+    f = pages[0][2].fields[0]
+    assert isinstance(f, Field)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.kind = "line"  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        analyse_page(pages[0][0], mode="columns")
