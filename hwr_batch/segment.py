@@ -1,26 +1,37 @@
 """Cut one field image (a crop holding a handwritten digit string) into its digits.
 
-Pipeline, all on the field's own pixels (nothing tuned per image):
+Pipeline, all on the field's own pixels (nothing is tuned per image):
 
-1. Black scanner margins (large dark areas) are masked out.
+1. Black scanner margins (large dark areas reaching the border) are masked out, with a zone around them.
 2. The paper background, textured or unevenly lit, is estimated with a grey-level closing and divided out.
-3. Ink is binarised with hysteresis: Otsu on the background-corrected darkness gives the strong level,
-   pixels connected to strong ink down to half that level are kept (faint pen strokes survive, paper
-   texture does not).
-4. Long horizontal and vertical ruling / guide lines are removed; strokes crossing them are repaired.
-5. Connected components are measured against the field's digit height: specks, dots, commas, dashes,
-   '=' and stray ink away from the main text line are dropped.
-6. Components that overlap horizontally (a 5's hat, a broken 4) are merged into units; wide units
-   (touching digits) get candidate cut points at minima of their column profile.
+3. Ink is binarised with hysteresis: strong ink is darker than half the local ink level, than a share of
+   the field's Otsu level and than a few times the paper's typical darkness (textured cheques); weaker
+   pixels connected to strong ink are kept, so faint pen strokes survive and paper texture does not.
+4. Straight horizontal and vertical lines longer than digits (ruling, guide lines) are removed and the
+   strokes that cross them re-joined.
+5. Components are measured against the field's digit height: specks, dots, commas, dashes, '=' and
+   underlines are dropped, and only the text line and the cluster of ink nearest the field's middle
+   are kept (printed captions, neighbours' strokes and ruling rests are not).
+6. The kept ink is deslanted (a shear per field); components whose horizontal extents overlap by more
+   than half (a 5's hat, a broken 4) form one unit; wide units (touching digits) get candidate cuts
+   where the column profile is low or the top or bottom contour has a valley.
 
-:func:`segment_field` returns one reading chosen by shape alone. :func:`segment_field_candidates` returns
-all candidate digits of a field (every plausible way to cut each unit); classify the candidates of many
-fields in one batch, then :func:`choose_reading` picks, per field, the cuts whose digits the model reads
-most confidently.
+:func:`segment_field` returns one reading chosen by shape alone (about 0.8 digit heights per digit).
+:func:`segment_field_candidates` returns all candidate digits of a field (every plausible way to cut each
+unit); classify the candidates of many fields in one batch, then :func:`choose_reading` picks, per field,
+the cuts whose digits the model reads most confidently::
+
+    cands = [segment_field_candidates(gray) for gray in fields]
+    probs = predict_proba(classifier, np.stack([to_mnist(p.ink) for c in cands for p in c.pieces]))
+    # split probs by len(c.pieces), then per field: digits = [c.pieces[i] for i in choose_reading(c, p)]
+
+Each candidate's ink comes from the original (not deslanted) field, masked to its own strokes; its bbox
+is in the field's pixel coordinates.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import cv2
@@ -75,23 +86,26 @@ class FieldCandidates:
 
 
 # Scoring of candidate readings (see choose_reading).
-PIECE_BONUS = -0.5  # log-probability credit per digit, so that cutting is not always penalised
+PIECE_BONUS = -1.0  # log-probability credit per digit, so that cutting is not always penalised
 ASPECT_PENALTY = 3.0  # penalty per digit height of width beyond WIDE_LIMIT (and of height below 0.35)
-WIDE_LIMIT = 1.1  # candidates wider than this many digit heights are probably two digits
-SLIM_PENALTY = 2.0  # penalty for a slim candidate (width < 0.3 height) that the model does not read as '1'
+WIDE_LIMIT = 0.9  # candidates wider than this many digit heights are probably two digits
+SLIM_LIMIT = 0.3  # candidates narrower than this share of their height are slim ...
+SLIM_PENALTY = 2.0  # ... and pay this unless the model reads them as '1'
 
 
-def segment_field(gray: np.ndarray, **options: float) -> list[DigitCrop]:
-    """Cut a field into its digits, left to right, choosing cuts by shape alone.
+def segment_field(
+    gray: np.ndarray, *, min_height: float = 0.45, line_gap: float = 2.5, max_span: int = 3
+) -> list[DigitCrop]:
+    """Cut a field into its digits, left to right, choosing cuts by shape alone (no model).
 
     Args:
         gray: (H, W) uint8 grayscale scan, dark ink on light paper.
-        **options: keyword-only tuning options of :func:`segment_field_candidates`.
+        min_height, line_gap, max_span: as for :func:`segment_field_candidates`.
 
     Returns:
         The digits, left to right; [] for a blank or constant image.
     """
-    cands = segment_field_candidates(gray, **options)
+    cands = segment_field_candidates(gray, min_height=min_height, line_gap=line_gap, max_span=max_span)
     return [cands.pieces[i] for i in cands.default_reading()]
 
 
@@ -100,7 +114,7 @@ def segment_field_candidates(
     *,
     min_height: float = 0.45,
     line_gap: float = 2.5,
-    max_span: int = 4,
+    max_span: int = 3,
 ) -> FieldCandidates:
     """All candidate digits of a field: every plausible way to cut each group of strokes.
 
@@ -136,10 +150,18 @@ def segment_field_candidates(
     if not comps:
         return empty
     labels = cv2.connectedComponents(mask, connectivity=8)[1]
+    keep = np.zeros(int(labels.max()) + 1, bool)
+    keep[[c.label for c in comps]] = True
+    selected = keep[labels]
+    # Cut in a deslanted frame: shift each row so that slanted handwriting stands upright.
+    offsets = _deslant_offsets(selected)
+    sheared = _shear(selected, offsets)
+    comps = _components(sheared)
+    labels = cv2.connectedComponents(sheared, connectivity=8)[1]
     pieces: list[DigitCrop] = []
     units: list[Unit] = []
     for group in _merge_overlapping(comps):
-        units.append(_unit_candidates(group, labels, darkness, height, pieces, max_span=max_span))
+        units.append(_unit_candidates(group, labels, darkness, offsets, height, pieces, max_span=max_span))
     return FieldCandidates(tuple(pieces), tuple(units), float(height))
 
 
@@ -166,7 +188,7 @@ def choose_reading(cands: FieldCandidates, probabilities: np.ndarray) -> list[in
     for i, piece in enumerate(cands.pieces):
         score[i] -= ASPECT_PENALTY * _aspect_misfit(piece.bbox, height)
         _, _, w, h = piece.bbox
-        if w < 0.3 * h and best_label[i] != 1:
+        if w < SLIM_LIMIT * h and best_label[i] != 1:
             score[i] -= SLIM_PENALTY
     reading: list[int] = []
     for unit in cands.units:
@@ -177,6 +199,7 @@ def choose_reading(cands: FieldCandidates, probabilities: np.ndarray) -> list[in
             if best[start] == -np.inf:
                 continue
             value = best[start] + score[index]
+
             if value > best[end]:
                 best[end], back[end] = value, (start, index)
         chosen: list[int] = []
@@ -192,10 +215,18 @@ def choose_reading(cands: FieldCandidates, probabilities: np.ndarray) -> list[in
 # --------------------------------------------------------------------------------------------- internals
 
 _OTSU_FACTOR = 0.6  # strong ink is at least this fraction of the field's Otsu level ...
-_PEAK_FACTOR = 0.5  # ... and of the local ink level (darkest ink nearby)
+_PEAK_FACTOR = 0.4  # ... and of the local ink level (darkest ink nearby)
 _WEAK_FACTOR = 0.6  # hysteresis: weak ink connected to strong ink, down to this fraction of the strong level
-_NOISE_STRONG = 2.5  # textured paper: strong ink is at least this many times the paper's typical darkness
-_NOISE_WEAK = 1.8  # ... and weak ink this many times
+_NOISE_STRONG = 2.0  # textured paper: strong ink is at least this many times the paper's typical darkness
+_NOISE_WEAK = 1.5  # ... and weak ink this many times
+_HEIGHT_AREA = 0.5  # the digit height is measured on components at least this big relative to the biggest
+_ZONE = 0.12  # ink within this fraction of the field's size from a black margin is not trusted
+_CUT_MIN_WIDTH = 0.75  # units narrower than this many digit heights are not cut
+_CUT_MARGIN = 0.2  # no cut closer than this many digit heights to a unit's side
+_CUT_SPACING = 0.3  # candidate cuts at least this many digit heights apart
+_MAX_CUTS = 4  # most candidate cuts per unit
+_SHEARS = np.round(np.arange(-0.6, 0.61, 0.1), 2)  # slants tried when deslanting (x shift per row)
+_SHEAR_PRIOR = 0.1  # preference for small shears
 
 
 @dataclass(frozen=True)
@@ -236,7 +267,9 @@ def _binarise(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Black scanner margins: large areas much darker than the paper, reaching the image border.
     k_margin = max(15, round(0.15 * min(h, w))) | 1
     dark = (gray < 0.45 * paper).astype(np.uint8)
-    margin = cv2.morphologyEx(dark, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (k_margin, k_margin)))
+    margin = cv2.morphologyEx(
+        dark, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (k_margin, k_margin))
+    )
     zone = np.zeros_like(margin)
     if margin.any():
         n, labels, stats, _ = cv2.connectedComponentsWithStats(margin, connectivity=8)
@@ -246,7 +279,7 @@ def _binarise(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         margin = at_border[labels].astype(np.uint8)
     if margin.any():
         margin = cv2.dilate(margin, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 7)))
-        k_zone = max(7, round(0.06 * min(h, w))) | 1
+        k_zone = max(7, round(_ZONE * min(h, w))) | 1
         zone = cv2.dilate(margin, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * k_zone + 1, 2 * k_zone + 1)))
     img = gray.astype(np.float32)
     img[margin > 0] = paper
@@ -261,7 +294,9 @@ def _binarise(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Strong ink: darker than half the local ink level (pens differ in darkness within a field), and
     # than a global floor; weak ink (hysteresis) down to 60 % of that.
     k_peak = max(9, min(h, w) // 3) | 1
-    peak = cv2.blur(cv2.dilate(darkness, cv2.getStructuringElement(cv2.MORPH_RECT, (k_peak, k_peak))), (k_peak, k_peak))
+    peak = cv2.blur(
+        cv2.dilate(darkness, cv2.getStructuringElement(cv2.MORPH_RECT, (k_peak, k_peak))), (k_peak, k_peak)
+    )
     noise = float(np.percentile(darkness, 60))  # most of a field is paper: its typical darkness
     floor = max(_OTSU_FACTOR * otsu / 255.0, 0.15, _NOISE_STRONG * noise)
     strong_level = np.maximum(_PEAK_FACTOR * peak, floor)
@@ -273,7 +308,9 @@ def _binarise(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     keep[np.unique(labels[strong])] = True
     keep[0] = False
     mask = keep[labels].astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) | (strong & (mask > 0)).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) | (strong & (mask > 0)).astype(
+        np.uint8
+    )
     return darkness, mask, zone
 
 
@@ -288,7 +325,7 @@ def _remove_lines(mask: np.ndarray, height: float) -> np.ndarray:
     A line is a straight run longer than digits are: horizontally 2.5 digit heights (and 60 % of the
     field), vertically 2 digit heights.
     """
-    h, w = mask.shape
+    w = mask.shape[1]
     out = mask
     for horizontal in (True, False):
         length = max(round(2.5 * height), 6 * w // 10, 25) if horizontal else max(round(2 * height), 25)
@@ -325,24 +362,24 @@ def _components(mask: np.ndarray) -> list[_Comp]:
 
 
 def _digit_height(comps: list[_Comp], shape: tuple[int, int]) -> float:
-    """Estimate the height of the field's digits from its components' heights, weighted by ink."""
-    h, w = shape
+    """Estimate the height of the field's digits (px) from its sizable, not line-like components."""
+    h = shape[0]
     if not comps:
         return 0.0
-    sizable = [c for c in comps if c.area >= 12 and c.h >= 5 and c.w <= 6 * c.h and c.h <= 6 * c.w and c.h < 0.95 * h]
+    sizable = [
+        c for c in comps if c.area >= 12 and c.h >= 5 and c.w <= 6 * c.h and c.h <= 6 * c.w and c.h < 0.95 * h
+    ]
     sizable = sizable or comps
-    heights = np.array([c.h for c in sizable], float)
-    weights = np.array([float(c.area) ** 2 for c in sizable])
-    order = np.argsort(heights)
-    cum = np.cumsum(weights[order])
-    return float(heights[order][np.searchsorted(cum, 0.6 * cum[-1])])
+    # The digits are the field's biggest marks: the median height of the components at least half as
+    # big (in ink) as the biggest.
+    biggest = max(c.area for c in sizable)
+    return float(np.median([c.h for c in sizable if c.area >= _HEIGHT_AREA * biggest]))
 
 
 def _select_digit_components(
     comps: list[_Comp], height: float, shape: tuple[int, int], *, min_height: float, line_gap: float
 ) -> list[_Comp]:
     """Drop non-digit marks and stray ink; keep the main text line's components."""
-    h, w = shape
     big = [c for c in comps if c.h >= min_height * height and c.area >= max(6, 0.02 * height * height)]
     # Dashes, underlines and their rests: long and flat.
     big = [c for c in big if not (c.w >= 2.5 * c.h and c.h < 0.5 * height)]
@@ -401,6 +438,7 @@ def _unit_candidates(
     group: list[_Comp],
     labels: np.ndarray,
     darkness: np.ndarray,
+    offsets: np.ndarray,
     height: float,
     pieces: list[DigitCrop],
     *,
@@ -412,14 +450,15 @@ def _unit_candidates(
     x1 = max(c.x + c.w for c in group)
     y1 = max(c.y + c.h for c in group)
     sub = np.isin(labels[y0:y1, x0:x1], [c.label for c in group]).astype(np.uint8)
-    soft = darkness[y0:y1, x0:x1]
     width = x1 - x0
     cuts = [0, *_cut_positions(sub, height), width]
     spans: list[tuple[int, int, int]] = []
-    for i in range(len(cuts) - 1):
-        for j in range(i + 1, min(len(cuts), i + 1 + max_span)):
-            if i == 0 and j == len(cuts) - 1 or cuts[j] - cuts[i] <= 1.6 * height:
-                piece = _piece(sub, soft, cuts[i], cuts[j], x0, y0, height)
+    last = len(cuts) - 1
+    for i in range(last):
+        for j in range(i + 1, last + 1):
+            # Short spans up to a wide digit's width, and the whole unit (it may be one wide digit).
+            if (i, j) == (0, last) or (j - i <= max_span and cuts[j] - cuts[i] <= 1.6 * height):
+                piece = _piece(sub, darkness, offsets, cuts[i], cuts[j], x0, y0, height)
                 if piece is not None:
                     spans.append((i, j, len(pieces)))
                     pieces.append(piece)
@@ -430,31 +469,56 @@ def _unit_candidates(
 def _cut_positions(sub: np.ndarray, height: float) -> list[int]:
     """Candidate x positions (inside the unit) where touching digits may be cut."""
     w = sub.shape[1]
-    if w < 0.7 * height:
+    if w < _CUT_MIN_WIDTH * height:
         return []
     profile = sub.sum(axis=0).astype(np.float32)
-    smooth = np.convolve(profile, np.ones(3, np.float32) / 3, mode="same")
-    margin = max(2, int(0.25 * height))
-    cands = [
-        x
-        for x in range(margin, w - margin)
-        if smooth[x] <= smooth[x - 1] and smooth[x] <= smooth[x + 1] and smooth[x] < 0.8 * smooth.max()
+    margin = max(2, int(_CUT_MARGIN * height))
+    xs = np.arange(margin, w - margin)
+    if xs.size == 0:
+        return []
+    # Three cues for where two digits meet: few ink pixels in the column, a valley reaching down
+    # from the top contour, a valley reaching up from the bottom contour (touching loops).
+    h = sub.shape[0]
+    has_ink = profile > 0
+    top = np.where(has_ink, np.argmax(sub > 0, axis=0), h).astype(np.float32)
+    bottom = np.where(has_ink, h - 1 - np.argmax(sub[::-1] > 0, axis=0), -1).astype(np.float32)
+    kernel = np.ones(3, np.float32) / 3
+    costs = [
+        np.convolve(profile, kernel, mode="same") / max(float(profile.max()), 1.0),
+        1.0 - np.convolve(top, kernel, mode="same") / h,
+        np.convolve(bottom, kernel, mode="same") / h,
     ]
-    # Keep the deepest minima, at least a third of a digit height apart.
-    cands.sort(key=lambda x: (smooth[x], x))
+    # Each cue's local minima, best first; the cues take turns so that each gets its best cuts in.
+    ranked = []
+    for cost in costs:
+        is_min = (cost[xs] <= cost[xs - 1]) & (cost[xs] <= cost[xs + 1])
+        minima = xs[is_min]
+        ranked.append(minima[np.argsort(cost[minima], kind="stable")])
+    order = [x for turn in itertools.zip_longest(*ranked) for x in turn if x is not None]
     chosen: list[int] = []
-    for x in cands:
-        if all(abs(x - c) >= max(3, 0.3 * height) for c in chosen):
-            chosen.append(x)
-        if len(chosen) >= 6:
+    spacing = max(3, _CUT_SPACING * height)
+    for x in order:
+        if all(abs(int(x) - c) >= spacing for c in chosen):
+            chosen.append(int(x))
+        if len(chosen) >= _MAX_CUTS:
             break
     return sorted(chosen)
 
 
 def _piece(
-    sub: np.ndarray, soft: np.ndarray, a: int, b: int, x0: int, y0: int, height: float
+    sub: np.ndarray,
+    darkness: np.ndarray,
+    offsets: np.ndarray,
+    a: int,
+    b: int,
+    x0: int,
+    y0: int,
+    height: float,
 ) -> DigitCrop | None:
-    """The candidate digit between columns a and b of a unit, slivers of neighbours removed."""
+    """The candidate digit between columns a and b of a (deslanted) unit, slivers of neighbours removed.
+
+    Its ink is taken from the field's original (slanted) frame.
+    """
     part = sub[:, a:b]
     n, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(part), connectivity=8)
     if n <= 1:
@@ -462,29 +526,68 @@ def _piece(
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.zeros(n, bool)
     keep[1:] = (areas >= 0.15 * areas.max()) | (stats[1:, cv2.CC_STAT_HEIGHT] >= 0.4 * height)
-    m = keep[labels]
-    ys, xs = np.nonzero(m)
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    m = m[top:bottom, left:right]
-    ink = np.where(m, np.maximum(soft[:, a:b][top:bottom, left:right], 0.0), 0.0).astype(np.float32)
+    ys, xs = np.nonzero(keep[labels])
+    ys = ys + y0
+    xs = xs + x0 + a - offsets[ys]  # back to the original frame
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    m = np.zeros((bottom - top, right - left), bool)
+    m[ys - top, xs - left] = True
+    ink = np.where(m, darkness[top:bottom, left:right], 0.0).astype(np.float32)
     peak = float(ink.max())
     if peak > 0:
         ink = np.clip(ink / (0.8 * peak), 0, 1) * m
-    return DigitCrop((x0 + a + int(left), y0 + int(top), int(right - left), int(bottom - top)), ink.astype(np.float32))
+    return DigitCrop((left, top, right - left, bottom - top), ink.astype(np.float32))
+
+
+def _deslant_offsets(mask: np.ndarray) -> np.ndarray:
+    """Per-row x shifts (int, >= 0) that make the ink's strokes most nearly vertical.
+
+    Tries shears in _SHEARS and keeps the one whose column profile is most peaked (largest sum of
+    squared column counts), the usual deslanting criterion.
+    """
+    h = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    best_value, best_shear = -1.0, 0.0
+    cy = float(ys.mean()) if ys.size else h / 2
+    if ys.size >= 20:
+        for shear in _SHEARS:
+            shifted = np.round(xs + shear * (ys - cy)).astype(np.int64)
+            counts = np.bincount(shifted - shifted.min()).astype(np.float64)
+            value = float((counts**2).sum()) * (1.0 if shear == 0 else 1.0 - _SHEAR_PRIOR * abs(shear))
+            if value > best_value:
+                best_value, best_shear = value, float(shear)
+    offsets = np.round(best_shear * (np.arange(h) - cy)).astype(np.int64)
+    return offsets - offsets.min()
+
+
+def _shear(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Shift row y of a binary mask right by offsets[y] (the image widens by the largest shift)."""
+    h, w = mask.shape
+    out = np.zeros((h, w + int(offsets.max())), np.uint8)
+    ys, xs = np.nonzero(mask)
+    out[ys, xs + offsets[ys]] = 1
+    return out
 
 
 def _aspect_misfit(bbox: tuple[int, int, int, int], height: float) -> float:
     """How far a candidate's width (relative to the digit height) is outside the usual digit range."""
     _, _, w, h = bbox
     rel = w / height
-    misfit = max(0.0, rel - WIDE_LIMIT) + max(0.0, 0.35 - h / height)
-    return misfit
+    return max(0.0, rel - WIDE_LIMIT) + max(0.0, 0.35 - h / height)
 
 
-def _default_path(cuts: list[int], spans: list[tuple[int, int, int]], pieces: list[DigitCrop], height: float) -> tuple[int, ...]:
-    """Shape-only reading of a unit: digits about 0.75 digit heights wide, cut at the nearest candidates."""
+def _default_path(
+    cuts: list[int], spans: list[tuple[int, int, int]], pieces: list[DigitCrop], height: float
+) -> tuple[int, ...]:
+    """Shape-only reading of a unit: digits about 0.8 digit heights wide, cut at the nearest candidates.
+
+    The number of digits comes from the unit's width as written (deslanting widens some digits).
+    """
     width = cuts[-1] - cuts[0]
-    n = int(np.clip(round(width / (0.8 * height)), 1, len(cuts) - 1))
+    lookup = {(i, j): p for i, j, p in spans}
+    whole = lookup.get((0, len(cuts) - 1))
+    written = pieces[whole].bbox[2] if whole is not None else width
+    n = int(np.clip(round(written / (0.8 * height)), 1, len(cuts) - 1))
     # Choose n-1 inner cuts nearest to equal spacing.
     chosen = [0]
     for k in range(1, n):
@@ -494,9 +597,7 @@ def _default_path(cuts: list[int], spans: list[tuple[int, int, int]], pieces: li
             break
         chosen.append(best)
     chosen.append(len(cuts) - 1)
-    lookup = {(i, j): p for i, j, p in spans}
-    path = [lookup.get((a, b)) for a, b in zip(chosen, chosen[1:])]
+    path = [lookup.get((a, b)) for a, b in itertools.pairwise(chosen)]
     if all(p is not None for p in path):
         return tuple(p for p in path if p is not None)
-    whole = lookup.get((0, len(cuts) - 1))
     return (whole,) if whole is not None else ()

@@ -1,0 +1,114 @@
+"""`hwr-batch process` end to end: generated forms in every input format, read by the real CLI,
+checked against the generator's ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hwr_batch.export import read_tables
+from hwr_batch.synth import write_forms
+
+FORMATS = ("png", "jpg", "tif-multi", "pdf", "tif-g4")
+
+
+def iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = w * h
+    return inter / (aw * ah + bw * bh - inter) if inter else 0.0
+
+
+def page_truths(folder: Path) -> dict[tuple[str, int], dict]:
+    """{(absolute image path, 1-based page): truth} for every page the generator wrote."""
+    truths = {}
+    for json_path in sorted(folder.glob("page_*.json")):
+        truth = json.loads(json_path.read_text())
+        for where in truth["files"]:
+            truths[(str((folder / where["path"]).absolute()), where["frame"] + 1)] = truth
+    return truths
+
+
+def score(fields: pd.DataFrame, truths: dict[tuple[str, int], dict]) -> dict[str, float]:
+    """Digit accuracy (position-aligned), field exact-match, and fields read outside every truth box."""
+    digits_right = digits_total = fields_right = fields_total = stray = 0
+    for (file, page), truth in truths.items():
+        read = fields[(fields["file"] == file) & (fields["page"] == page)]
+        boxes = [tuple(int(v) for v in row) for row in read[["x", "y", "width", "height"]].itertuples(index=False)]
+        strings = list(read["digits"].fillna(""))
+        matched = set()
+        for field in truth["fields"]:
+            want = "".join(str(d["label"]) for d in field["digits"])
+            overlaps = [(iou(box, field["bbox"]), i) for i, box in enumerate(boxes)]
+            best, index = max(overlaps, default=(0.0, -1))
+            got = strings[index] if best > 0.5 else ""
+            matched.add(index)
+            fields_total += 1
+            fields_right += got == want
+            digits_total += len(want)
+            digits_right += sum(a == b for a, b in zip(got, want))
+        stray += sum(1 for i, box in enumerate(boxes) if max((iou(box, f["bbox"]) for f in truth["fields"]), default=0) < 0.2)
+    return {
+        "digit_accuracy": digits_right / digits_total,
+        "field_exact": fields_right / fields_total,
+        "stray_fields": stray,
+        "pages": len(truths),
+        "fields": fields_total,
+    }
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory, mnist_test_small):
+    folder = tmp_path_factory.mktemp("forms")
+    for start, fmt in enumerate(FORMATS):  # one format each, two pages for the multi-page ones
+        pages = 2 if fmt in ("tif-multi", "pdf") else 1
+        # PDF pages are rendered at --pdf-dpi (300): made at 300 dpi, their truth boxes hold as they are.
+        dpi = 300 if fmt == "pdf" else (200, 300)
+        write_forms(folder / fmt, pages, seed=11, digits=mnist_test_small, formats=(fmt,), dpi=dpi, start=10 * start + 1)
+    return folder
+
+
+@pytest.mark.slow
+def test_process_reads_forms_in_every_format(forms, tmp_path, cli):
+    out = tmp_path / "out"
+    result = cli("process", forms, "--out", out, "--format", "xlsx", "--annotate", tmp_path / "pages")
+    assert result.returncode == 0, result.stderr
+    tables = read_tables(out, "xlsx")
+    truths = {}
+    for fmt in FORMATS:
+        truths.update(page_truths(forms / fmt))
+    assert set(zip(tables["fields"]["file"], tables["fields"]["page"])) == set(truths)  # every page of every file
+    figures = score(tables["fields"], truths)
+    assert figures["stray_fields"] == 0  # no printed label or number read as a field
+    # Regression floors, a little under what this fixed page set scores (89% / 85% when written);
+    # the product's figures on 200 pages come from scripts/score_forms.py.
+    assert figures["digit_accuracy"] >= 0.87, figures
+    assert figures["field_exact"] >= 0.8, figures
+    assert tables["errors"].empty
+    # One row per digit, consistent with the fields table.
+    digits = tables["digits"]
+    assert len(digits) == tables["fields"]["digit_count"].sum()
+    assert set(digits.columns) >= {"confidence", "second_choice", "second_confidence", "flagged"}
+    assert (digits["confidence"] >= digits["second_confidence"]).all()
+    assert len(list((tmp_path / "pages").glob("*.png"))) == len(truths)
+
+
+def test_whole_mode_reads_a_single_field_crop(tmp_path, mnist_test_small, confident_digits, cli):
+    import cv2
+
+    from conftest import digit_strip
+
+    indices = [confident_digits[d][1] for d in (3, 1, 4, 1, 5)]
+    cv2.imwrite(str(tmp_path / "amount.jpg"), digit_strip(mnist_test_small, indices))
+    result = cli("process", tmp_path / "amount.jpg", "--out", tmp_path / "out", "--fields", "whole")
+    assert result.returncode == 0, result.stderr
+    fields = pd.read_csv(tmp_path / "out" / "fields.csv", dtype={"digits": str})
+    assert fields["digits"].tolist() == ["31415"]
+    digits = pd.read_csv(tmp_path / "out" / "digits.csv", dtype={"digit": str})
+    assert digits["digit"].tolist() == list("31415") and digits["position"].tolist() == [1, 2, 3, 4, 5]
+    assert (digits["x"].diff().dropna() > 0).all()  # left to right
