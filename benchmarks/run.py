@@ -717,16 +717,6 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
-def iou(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    union = aw * ah + bw * bh - inter
-    return inter / union if union else 0.0
-
-
 def score(truth_texts: list[str], read_texts: list[str | None]) -> dict[str, Any]:
     """Field exact match, and digit accuracy = 1 - (edit distance) / (truth digits), summed over fields.
 
@@ -745,7 +735,9 @@ def match_fields(truth_fields: list[dict], read: list[tuple[tuple[int, int, int,
 
     Returns the text read for each truth field (None: no match) and the number of unmatched read fields.
     """
-    pairs = sorted(((iou(t["bbox"], box), ti, ri) for ti, t in enumerate(truth_fields) for ri, (box, _) in enumerate(read)),
+    from hwr_batch.synth import box_iou
+
+    pairs = sorted(((box_iou(t["bbox"], box), ti, ri) for ti, t in enumerate(truth_fields) for ri, (box, _) in enumerate(read)),
                    reverse=True)
     out: list[str | None] = [None] * len(truth_fields)
     used = set()

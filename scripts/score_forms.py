@@ -40,7 +40,7 @@ from hwr_batch.classify import load_classifier, predict_proba, top_two
 from hwr_batch.layout import analyse_page
 from hwr_batch.mnist import load_mnist
 from hwr_batch.normalise import to_mnist
-from hwr_batch.synth import FormSpec, make_form
+from hwr_batch.synth import FormSpec, box_iou, make_form
 
 try:
     from hwr_batch.segment import choose_reading, segment_field, segment_field_candidates
@@ -84,7 +84,7 @@ def _fallback_segment(gray: np.ndarray) -> list[np.ndarray]:
 
 def _truth_cuts(field, truth: dict) -> list[np.ndarray]:
     """The ink of each truth digit inside ``field.image`` (only for the truth field it matches)."""
-    match = [t for t in truth["fields"] if iou(t["bbox"], field.bbox) >= 0.5]
+    match = [t for t in truth["fields"] if box_iou(t["bbox"], field.bbox) >= 0.5]
     if not match:
         return []
     inv = cv2.invertAffineTransform(field.to_page)
@@ -98,15 +98,6 @@ def _truth_cuts(field, truth: dict) -> list[np.ndarray]:
         crop = field.image[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)].astype(np.float32)
         out.append(np.clip((paper - crop) / max(paper - 30.0, 1.0), 0, 1) * (crop < paper - 40))
     return out
-
-
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = ix * iy
-    return inter / max(1, aw * ah + bw * bh - inter)
 
 
 def pages_generated(args) -> "iter":
@@ -218,7 +209,7 @@ def main(argv=None) -> int:
                 x1, y1 = (bs[:, :2] + bs[:, 2:]).max(axis=0)
                 target = [int(x0), int(y0), int(x1 - x0), int(y1 - y0)]
             for j, (bbox, _) in enumerate(reads):
-                v = iou(target, bbox)
+                v = box_iou(target, bbox)
                 if v > best and j not in used:
                     best, best_j = v, j
             text = ""
@@ -231,10 +222,10 @@ def main(argv=None) -> int:
                 errors.append({"page": name, "bbox": tf["bbox"], "truth": tf["text"], "read": text,
                                "iou": round(best, 3)})
         for j, (bbox, text) in enumerate(reads):
-            if j in used or any(iou(tf["bbox"], bbox) > 0 for tf in truth["fields"]):
+            if j in used or any(box_iou(tf["bbox"], bbox) > 0 for tf in truth["fields"]):
                 continue
             extra += 1
-            if any(iou(pb["bbox"], bbox) > 0 for pb in truth["printed"]):
+            if any(box_iou(pb["bbox"], bbox) > 0 for pb in truth["printed"]):
                 printed_read += 1
                 errors.append({"page": name, "bbox": list(bbox), "truth": None, "read": text, "printed": True})
     n_pages = len(records)

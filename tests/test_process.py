@@ -10,18 +10,9 @@ import pandas as pd
 import pytest
 
 from hwr_batch.export import read_tables
-from hwr_batch.synth import write_forms
+from hwr_batch.synth import box_iou, write_forms
 
 FORMATS = ("png", "jpg", "tif-multi", "pdf", "tif-g4")
-
-
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = w * h
-    return inter / (aw * ah + bw * bh - inter) if inter else 0.0
 
 
 def page_truths(folder: Path) -> dict[tuple[str, int], dict]:
@@ -44,7 +35,7 @@ def score(fields: pd.DataFrame, truths: dict[tuple[str, int], dict]) -> dict[str
         matched = set()
         for field in truth["fields"]:
             want = "".join(str(d["label"]) for d in field["digits"])
-            overlaps = [(iou(box, field["bbox"]), i) for i, box in enumerate(boxes)]
+            overlaps = [(box_iou(box, field["bbox"]), i) for i, box in enumerate(boxes)]
             best, index = max(overlaps, default=(0.0, -1))
             got = strings[index] if best > 0.5 else ""
             matched.add(index)
@@ -52,7 +43,7 @@ def score(fields: pd.DataFrame, truths: dict[tuple[str, int], dict]) -> dict[str
             fields_right += got == want
             digits_total += len(want)
             digits_right += sum(a == b for a, b in zip(got, want))
-        stray += sum(1 for i, box in enumerate(boxes) if max((iou(box, f["bbox"]) for f in truth["fields"]), default=0) < 0.2)
+        stray += sum(1 for i, box in enumerate(boxes) if max((box_iou(box, f["bbox"]) for f in truth["fields"]), default=0) < 0.2)
     return {
         "digit_accuracy": digits_right / digits_total,
         "field_exact": fields_right / fields_total,
