@@ -123,6 +123,14 @@ def process(
     fmt: Annotated[
         str, typer.Option("--format", "-f", envvar="HWR_BATCH_FORMAT", help="csv: three CSV files; xlsx: one workbook, a sheet per table.")
     ] = "csv",
+    per_run: Annotated[
+        bool,
+        typer.Option(
+            "--per-run",
+            help="Write each run's rows to a new folder OUT/run-NNNNN. Default: cumulative tables in OUT holding "
+            "every file's latest rows.",
+        ),
+    ] = False,
     model: Annotated[
         Optional[Path],
         typer.Option("--model", "-m", envvar="HWR_BATCH_MODEL", help="ONNX model. Default: the shipped model."),
@@ -184,6 +192,7 @@ def process(
         inputs=tuple(Path(p) for p in params["inputs"]),
         out_dir=Path(params["out"]),
         fmt=params["fmt"],
+        per_run=bool(params["per_run"]),
         model=Path(params["model"]) if params["model"] else None,
         include=tuple(params["include"] or ()),
         exclude=tuple(params["exclude"] or ()),

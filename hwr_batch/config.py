@@ -22,6 +22,8 @@ class Options:
         inputs: files and folders of scans (folders are walked recursively).
         out_dir: where digits/fields/errors tables (or results.xlsx) are written.
         fmt: ``"csv"`` or ``"xlsx"``.
+        per_run: write each run's rows to a new folder ``out_dir/run-NNNNN`` instead of keeping
+            cumulative tables in ``out_dir`` (the default) that hold every file's latest rows.
         model: ONNX model file; None for the default (``$HWR_BATCH_MODEL`` or the shipped one).
         include: glob patterns; only matching files in folders are read.
         exclude: glob patterns of files or folders to skip.
@@ -42,6 +44,7 @@ class Options:
     inputs: tuple[Path, ...]
     out_dir: Path = DEFAULT_OUT_DIR
     fmt: str = "csv"
+    per_run: bool = False
     model: Path | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -132,7 +135,7 @@ def read_config_file(path: Path) -> dict[str, object]:
 
 # Settings a config file may hold: the `process` command's parameter names.
 CONFIG_KEYS = frozenset({
-    "inputs", "out", "fmt", "model", "fields", "min_confidence", "include", "exclude", "jobs", "annotate",
+    "inputs", "out", "fmt", "per_run", "model", "fields", "min_confidence", "include", "exclude", "jobs", "annotate",
     "pdf_dpi", "max_megapixels", "state_dir", "retry_failed", "reprocess_stale",
 })
 CONFIG_ALIASES = {"format": "fmt", "output": "out", "out_dir": "out"}

@@ -24,7 +24,7 @@ from .atomic import FORMULA_TRIGGERS, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_proba, top_two
 from .config import Options
 from .errors import ExitCode, HwrError
-from .export import read_tables, to_frame, write_tables
+from .export import empty_tables, read_tables, to_frame, write_tables
 from .layout import analyse_page
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
@@ -381,7 +381,11 @@ def run_batch(
         report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
         run_id = begin_run(db, model_sha=classifier.sha256)
         report.run_id = run_id
-        tables = read_tables(options.out_dir, options.fmt)
+        if options.per_run:  # this run's rows only, in a folder of their own
+            options = replace(options, out_dir=options.out_dir / f"run-{run_id:05d}")
+            tables = empty_tables()
+        else:  # cumulative: every file's latest rows, carried over from earlier runs
+            tables = read_tables(options.out_dir, options.fmt)
         # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
         unreadable = [(path, "find", reason) for path, reason in problems]
         for d in decisions:

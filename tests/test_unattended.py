@@ -107,17 +107,35 @@ def test_changed_file_is_reprocessed_and_its_rows_replaced(tmp_path, mnist_test_
     assert "4 to process" in forced.stderr and fields_by_file(out) == truth
 
 
-def test_second_run_exits_at_once_with_the_lock_code(tmp_path, scans, cli):
-    folder, _ = scans
+def test_second_run_exits_at_once_with_the_lock_code(tmp_path, mnist_test_small, confident_digits):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 30, seed=4)
     out = tmp_path / "out"
-    with acquire_lock(out / ".hwr-batch"):  # this test process is the run in progress
-        started = time.monotonic()
-        result = cli("process", folder, "--out", out)
-        elapsed = time.monotonic() - started
-    assert result.returncode == ExitCode.lock_held
-    assert f"pid {os.getpid()}" in result.stderr
-    assert elapsed < 30  # it does not wait for the lock (generous bound: interpreter start-up only)
-    assert not (out / "digits.csv").exists()
+    lock_file = out / ".hwr-batch" / "hwr-batch.lock"
+    first = subprocess.Popen(process_command(folder, out, "--batch-digits", "8"), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (lock_file.exists() and lock_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=120)
+    first_stderr = first.communicate(timeout=300)[1]
+    assert second.returncode == ExitCode.lock_held, second.stderr
+    assert f"pid {first.pid}" in second.stderr and "hwr-batch.lock" in second.stderr
+    assert first.returncode == 0, first_stderr  # the first run was not disturbed
+    assert fields_by_file(out) == truth
+
+
+def test_per_run_outputs_hold_each_runs_files(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 3, seed=6)
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--per-run", "--jobs", "1").returncode == 0
+    later = write_scans(tmp_path / "later", mnist_test_small, confident_digits, 1, seed=7)
+    moved = folder / "late.png"
+    (tmp_path / "later" / "scan_000.png").rename(moved)
+    assert cli("process", folder, "--out", out, "--per-run", "--jobs", "1").returncode == 0
+    assert sorted(p.name for p in out.glob("run-*")) == ["run-00001", "run-00002"]
+    assert fields_by_file(out / "run-00001") == truth
+    assert fields_by_file(out / "run-00002") == {str(moved.absolute()): next(iter(later.values()))}
 
 
 def check_partial_outputs(out: Path, reference: dict[str, pd.DataFrame]) -> int:
