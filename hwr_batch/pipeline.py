@@ -167,6 +167,20 @@ def _read_page(
     return PageReading(index, tuple(fields), gray.shape[:2], layout.angle)
 
 
+def read_page(
+    gray: np.ndarray, *, index: int = 0, dpi: float | None = None, settings: ReadSettings = ReadSettings()
+) -> tuple[PageReading, np.ndarray]:
+    """Lay out and segment one page, as ``process`` does: the page's fields and its normalised candidates.
+
+    Returns:
+        (page reading, (N, 28, 28) float32 candidates): pass both, as a :class:`FileReading`,
+        to :func:`classify_readings`.
+    """
+    images: list[np.ndarray] = []
+    page = _read_page(gray, index, dpi, settings, images, dict.fromkeys(STAGES[:4], 0.0))
+    return page, (np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+
+
 _NO_INK = np.zeros((0, 0), np.float32)
 SEGMENT_DPI = 200
 

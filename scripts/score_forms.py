@@ -19,7 +19,8 @@ Figures:
         (``extra`` counts every found field that overlaps no truth field).
     layout time: wall and CPU time of ``analyse_page`` per page.
 
-Segmentation: ``--cuts shape`` uses :func:`hwr_batch.segment.segment_field` (cuts chosen by shape);
+Segmentation: ``--cuts product`` (the default) runs exactly what ``hwr-batch process`` runs
+(:func:`hwr_batch.pipeline.read_page`, then :func:`hwr_batch.pipeline.classify_readings`); ``--cuts shape`` uses :func:`hwr_batch.segment.segment_field` (cuts chosen by shape);
 ``--cuts model`` uses ``segment_field_candidates`` + ``choose_reading`` (cuts chosen by the model).
 A minimal local segmenter is used only if hwr_batch/segment.py is missing.
 """
@@ -40,6 +41,7 @@ from hwr_batch.classify import load_classifier, predict_proba, top_two
 from hwr_batch.layout import analyse_page
 from hwr_batch.mnist import load_mnist
 from hwr_batch.normalise import to_mnist
+from hwr_batch.pipeline import FileReading, classify_readings, read_page
 from hwr_batch.synth import FormSpec, box_iou, make_form
 
 try:
@@ -133,8 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--model", type=Path)
     p.add_argument("--mode", default="auto", choices=("auto", "boxes", "lines"))
-    p.add_argument("--cuts", default="shape", choices=("shape", "model", "truth"),
-                   help="truth: cut each field at the truth digit boxes (an upper bound for segmentation)")
+    p.add_argument("--cuts", default="product", choices=("product", "shape", "model", "truth"),
+                   help="product: exactly what `hwr-batch process` does (hwr_batch.pipeline.read_page); "
+                   "truth: cut each field at the truth digit boxes (an upper bound for segmentation)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime and OpenCV threads")
     p.add_argument("--errors", type=Path, help="write misread fields (JSON lines) here")
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -154,14 +157,18 @@ def main(argv=None) -> int:
     records = []  # (page name, truth, [(field bbox, candidates-or-None, [image indices])])
     layout_wall, layout_cpu, angle_err = [], [], []
     t_start = time.perf_counter()
+    product_readings = {}
     for name, gray, truth in pages:
+        if args.cuts == "product":
+            page, page_images = read_page(gray)
+            product_readings[name] = FileReading(Path(name), [page], page_images)
         w0, c0 = time.perf_counter(), time.process_time()
         lay = analyse_page(gray, mode=args.mode)
         layout_wall.append(time.perf_counter() - w0)
         layout_cpu.append(time.process_time() - c0)
         angle_err.append(abs(lay.angle - truth["skew_deg"]))
         found = []
-        for f in lay.fields:
+        for f in lay.fields if args.cuts != "product" else ():
             if args.cuts == "truth":
                 crops, cands = _truth_cuts(f, truth), None
             elif SEGMENTER == "local fallback":
@@ -184,11 +191,14 @@ def main(argv=None) -> int:
     labels = top_two(probs).label
     t_cls = time.perf_counter() - t0
 
+    if product_readings:
+        _, field_rows, _ = classify_readings(list(product_readings.values()), clf, min_confidence=0.8)
+
     # 3. Score.
     n_digits = right = n_fields = exact = extra = printed_read = found_fields = 0
     errors = []
     for name, truth, found in records:
-        reads = []
+        reads = [((r["x"], r["y"], r["width"], r["height"]), r["digits"]) for r in field_rows if r["file"] == name] if product_readings else []
         for bbox, cands, idx in found:
             if cands is not None:
                 chosen = choose_reading(cands, probs[idx]) if idx else []
