@@ -72,7 +72,11 @@ def annotate_files(readings: list[FileReading], digit_rows: list[dict], field_ro
     for row in digit_rows:
         by_page_digits[(row["file"], row["page"])].append(row)
     out_dir = Path(options.annotate_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("%s: cannot create the annotation folder (%s); no annotations written", out_dir, e.strerror or e)
+        return
     for reading in readings:
         try:
             for page in iter_pages(reading.path, pdf_dpi=options.pdf_dpi, max_megapixels=options.max_megapixels):

@@ -126,7 +126,7 @@ def process(
     per_run: Annotated[
         bool,
         typer.Option(
-            "--per-run",
+            "--per-run/--cumulative",
             help="Write each run's rows to a new folder OUT/run-NNNNN. Default: cumulative tables in OUT holding "
             "every file's latest rows.",
         ),
@@ -161,10 +161,18 @@ def process(
         Optional[Path],
         typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database and run lock. Default: OUT/.hwr-batch.", file_okay=False),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Reprocess every file, even those already done with this model.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Retry files that failed in earlier runs.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force/--no-force", help="Reprocess every file, even those already done with this model.")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed/--no-retry-failed", help="Retry files that failed in earlier runs.")
+    ] = False,
     reprocess_stale: Annotated[
-        bool, typer.Option("--reprocess-stale", help="Redo files read with a different model (otherwise only counted as stale).")
+        bool,
+        typer.Option(
+            "--reprocess-stale/--no-reprocess-stale",
+            help="Redo files read with a different model (otherwise only counted as stale).",
+        ),
     ] = False,
     batch_digits: Annotated[
         int, typer.Option(min=1, help="Digits gathered per model call; outputs are also rewritten after each such batch.")
@@ -203,7 +211,7 @@ def process(
         jobs=int(params["jobs"]),
         annotate_dir=Path(params["annotate"]) if params["annotate"] else None,
         state_dir=Path(params["state_dir"]) if params["state_dir"] else None,
-        force=force,
+        force=bool(params["force"]),
         retry_failed=bool(params["retry_failed"]),
         reprocess_stale=bool(params["reprocess_stale"]),
         batch_digits=int(params["batch_digits"]),

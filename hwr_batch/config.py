@@ -126,16 +126,42 @@ def read_config_file(path: Path) -> dict[str, object]:
     for key, value in table.items():
         name = key.replace("-", "_")
         name = CONFIG_ALIASES.get(name, name)
-        if name not in CONFIG_KEYS:
-            known = ", ".join(sorted(k.replace("_", "-") for k in CONFIG_KEYS))
+        if name not in CONFIG_TYPES:
+            known = ", ".join(sorted(_spelling(k) for k in CONFIG_TYPES))
             raise BadArgsError(f"{path}: unknown setting {key!r} (known: {known})")
+        expected = CONFIG_TYPES[name]
+        if not _has_type(value, expected):
+            raise BadArgsError(f"{path}: setting {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
         settings[name] = value
     return settings
 
 
-# Settings a config file may hold: the `process` command's parameter names.
-CONFIG_KEYS = frozenset({
-    "inputs", "out", "fmt", "per_run", "model", "fields", "min_confidence", "include", "exclude", "jobs", "annotate",
-    "pdf_dpi", "max_megapixels", "state_dir", "retry_failed", "reprocess_stale",
-})
+# Settings a config file may hold (the `process` command's parameter names) and their TOML types.
+CONFIG_TYPES: dict[str, str] = {
+    "inputs": "paths", "out": "path", "fmt": "text", "per_run": "bool", "model": "path", "fields": "text",
+    "min_confidence": "number", "include": "texts", "exclude": "texts", "jobs": "int", "annotate": "path",
+    "pdf_dpi": "int", "max_megapixels": "number", "state_dir": "path", "force": "bool", "retry_failed": "bool",
+    "reprocess_stale": "bool", "batch_digits": "int",
+}
 CONFIG_ALIASES = {"format": "fmt", "output": "out", "out_dir": "out"}
+_TYPE_WORDS = {
+    "paths": "a list of paths", "path": "a path (text)", "text": "text", "texts": "a list of texts",
+    "bool": "true or false", "int": "a whole number", "number": "a number",
+}
+
+
+def _has_type(value: object, expected: str) -> bool:
+    if expected in ("paths", "texts"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if expected in ("path", "text"):
+        return isinstance(value, str)
+    if expected == "bool":
+        return isinstance(value, bool)
+    if expected == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _spelling(name: str) -> str:
+    """A setting's name as the command line spells it."""
+    return {"fmt": "format"}.get(name, name.replace("_", "-"))

@@ -71,34 +71,64 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
     safe = {name: neutralise_formulas(frame) for name, frame in tables.items()}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if fmt == "xlsx":
-            path = out_dir / "results.xlsx"
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot create the output folder ({e.strerror or e})") from None
+    if fmt == "xlsx":
+        path = out_dir / "results.xlsx"
+        try:
             with atomic_path(path) as tmp, pd.ExcelWriter(tmp, engine="openpyxl") as workbook:
                 for name, frame in safe.items():
-                    frame.to_excel(workbook, sheet_name=name, index=False)
-            return [path]
-        written = []
-        for name, frame in safe.items():
-            path = out_dir / f"{name}.csv"
+                    _without_control_characters(frame).to_excel(workbook, sheet_name=name, index=False)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
+        return [path]
+    written = []
+    for name, frame in safe.items():
+        path = out_dir / f"{name}.csv"
+        try:
             with atomic_output(path, newline="") as f:
                 frame.to_csv(f, index=False)
-            written.append(path)
-        return written
-    except OSError as e:
-        raise OutputError(f"{e.filename or out_dir}: cannot write results ({e.strerror or e})") from None
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
+        written.append(path)
+    return written
+
+
+def _without_control_characters(frame: pd.DataFrame) -> pd.DataFrame:
+    """Replace the control characters a worksheet cannot hold (e.g. in odd file names) with "?"."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column].dtype):
+            out[column] = out[column].map(lambda v: ILLEGAL_CHARACTERS_RE.sub("?", v) if isinstance(v, str) else v)
+    return out
 
 
 def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
-    """Read back tables written by :func:`write_tables` (empty tables where none exist yet)."""
+    """Read back tables written by :func:`write_tables` (empty tables where none exist yet).
+
+    Raises:
+        OutputError: a table exists but cannot be read, or lacks its columns; names the file.
+    """
     tables = empty_tables()
     paths = output_paths(out_dir, fmt)
     for name, path in paths.items():
         if not path.is_file():
             continue
         text_columns = {c: "string" for c in ("file", "digits", "digit", "second_choice", "reason", "flag_reason")}
-        if fmt == "xlsx":
-            frame = pd.read_excel(path, sheet_name=name, dtype=text_columns)
-        else:
-            frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+        try:
+            if fmt == "xlsx":
+                frame = pd.read_excel(path, sheet_name=name, dtype=text_columns, keep_default_na=False, na_values=[""])
+            else:
+                frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
+        except (OSError, ValueError, KeyError) as e:
+            raise OutputError(f"{path}: cannot read the results table back ({e}); move it aside to start a new one") from None
+        missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
+        if missing:
+            raise OutputError(
+                f"{path}: the {name} table has no column(s) {', '.join(missing)}; it was edited or damaged. "
+                "Move it aside (and use --force to rebuild it) or restore it"
+            )
         tables[name] = frame
     return tables

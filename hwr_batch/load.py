@@ -41,6 +41,7 @@ def find_inputs(
     *,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
+    skip_dirs: Iterable[Path] = (),
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand files and folders (recursively) into the scans to process, in a stable order.
 
@@ -49,13 +50,16 @@ def find_inputs(
         include: glob patterns on the file name or relative path; if given, only matching files
             are taken (e.g. ``"*.tif"``). Files named explicitly are always taken.
         exclude: glob patterns of files or folders to skip (e.g. ``"rejected/*"``).
+        skip_dirs: folders never to walk into (the run's own output and state folders).
 
     Returns:
         (files, problems): the supported files found, sorted within each folder, and
         (path, reason) for named paths that do not exist or cannot be listed.
-        Symlinked folders are not followed, so a symlink loop cannot trap the walk.
+        Symlinked folders are not followed, so a symlink loop cannot trap the walk; hidden files
+        and folders (names starting with ".") are skipped.
     """
     include, exclude = tuple(include), tuple(exclude)
+    skipped = {os.path.realpath(d) for d in skip_dirs}
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
@@ -78,7 +82,10 @@ def find_inputs(
             for folder, dirnames, filenames in os.walk(root, onerror=on_error):
                 relative_folder = os.path.relpath(folder, root)
                 dirnames[:] = sorted(
-                    d for d in dirnames if not matches(exclude, os.path.normpath(os.path.join(relative_folder, d)))
+                    d for d in dirnames
+                    if not d.startswith(".")
+                    and os.path.realpath(os.path.join(folder, d)) not in skipped
+                    and not matches(exclude, os.path.normpath(os.path.join(relative_folder, d)))
                 )
                 for name in sorted(filenames):
                     relative = os.path.normpath(os.path.join(relative_folder, name))
@@ -87,8 +94,8 @@ def find_inputs(
                     if matches(exclude, relative) or (include and not matches(include, relative)):
                         continue
                     add(Path(folder) / name)
-        elif root.is_file() or root.is_symlink():
-            add(root)  # named explicitly: taken whatever its suffix; a broken link fails at load
+        elif os.path.lexists(root):
+            add(root)  # named explicitly: taken whatever it is; a broken link or a FIFO fails at load, named
         else:
             problems.append((root, "no such file or folder"))
     return files, problems

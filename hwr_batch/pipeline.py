@@ -8,8 +8,16 @@ loses nothing that was already written.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
+import os
+import re
 import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -203,22 +211,56 @@ def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 
         for path in queue:
             yield read_file(path, settings)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker) as pool:
-        pending = []
-        for path in queue:
-            pending.append(pool.submit(read_file, path, settings))
-            if len(pending) >= 2 * jobs:
-                break
-        while pending:
-            future = pending.pop(0)
+    in_flight: deque[tuple[Path, Future]] = deque()
+    pool = _worker_pool(jobs)
+    try:
+        for path in itertools.islice(queue, 2 * jobs):
+            in_flight.append((path, pool.submit(read_file, path, settings)))
+        while in_flight:
+            path, future = in_flight.popleft()
+            try:
+                reading = future.result()
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory, a crash in a decoder). Read the files that were
+                # in flight again one by one, each in a fresh process, to find the one that kills it.
+                _kill_pool(pool)
+                for retry in [path, *(p for p, _ in in_flight)]:
+                    yield _read_in_own_process(retry, settings)
+                in_flight.clear()
+                pool = _worker_pool(jobs)
+                for next_path in itertools.islice(queue, 2 * jobs):
+                    in_flight.append((next_path, pool.submit(read_file, next_path, settings)))
+                continue
             next_path = next(queue, None)
             if next_path is not None:
-                pending.append(pool.submit(read_file, next_path, settings))
-            yield future.result()
+                in_flight.append((next_path, pool.submit(read_file, next_path, settings)))
+            yield reading
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut down a broken pool without waiting: Python 3.11 would wait forever for its idle workers."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker)
+
+
+def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
+    """Read one file in a process of its own; if that process dies, report the file instead of the run failing."""
+    pool = _worker_pool(1)
+    try:
+        return pool.submit(read_file, path, settings).result()
+    except BrokenProcessPool:
+        return FileReading(
+            Path(path), error=("read", f"{path}: the process reading it died (killed, out of memory, or a crash in a decoder)")
+        )
+    finally:
+        _kill_pool(pool)
 
 
 def _init_worker() -> None:
@@ -253,7 +295,7 @@ def classify_readings(
     field_rows: list[dict] = []
     offset = 0
     for reading in readings:
-        file = str(reading.path)
+        file = file_text(reading.path)
         for page in reading.pages:
             for number, found in enumerate(page.fields, start=1):
                 pieces = found.candidates.pieces
@@ -383,60 +425,128 @@ def run_batch(
     started = time.perf_counter()
     report = BatchReport()
     classifier = load_classifier(options.model)
-    files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude)
+    # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
+    own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
+    files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
     report.files_found = len(files)
-    with acquire_lock(options.state_dir), open_state(options.state_dir / STATE_DB_NAME) as db:
-        remove_stale_temp_files(options.out_dir) if options.out_dir.is_dir() else None
-        decisions = plan(
-            db, files, model_sha=classifier.sha256, force=options.force, retry_failed=options.retry_failed,
-            reprocess_stale=options.reprocess_stale,
-        )
-        todo = {d.path: d for d in decisions if d.process}
-        report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
+    # One lock on the state folder, and one on the output folder: two runs writing the same tables
+    # with different state folders would otherwise overwrite each other's rows.
+    lock_dirs = dict.fromkeys([options.state_dir, options.out_dir / ".hwr-batch"])
+    with ExitStack() as stack:
+        for directory in lock_dirs:
+            stack.enter_context(acquire_lock(directory))
+        db = stack.enter_context(open_state(options.state_dir / STATE_DB_NAME))
         run_id = begin_run(db, model_sha=classifier.sha256)
         report.run_id = run_id
-        if options.per_run:  # this run's rows only, in a folder of their own
-            options = replace(options, out_dir=options.out_dir / f"run-{run_id:05d}")
-            tables = empty_tables()
-        else:  # cumulative: every file's latest rows, carried over from earlier runs
-            tables = read_tables(options.out_dir, options.fmt)
-        # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
-        unreadable = [(path, "find", reason) for path, reason in problems]
-        for d in decisions:
-            if d.kind == "unreadable":
-                unreadable.append((d.path, "read", d.error or "unreadable"))
-                mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
-        for path, stage, reason in unreadable:
-            log.error("%s", reason if str(path) in reason else f"{path}: {reason}")
-        tables = _replace_rows(tables, [str(p) for p, _, _ in unreadable], errors=[
-            {"file": str(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
-        ])
-        report.failed += len(unreadable)
-        log.info(
-            "%d files found: %d to process, %d already done or skipped, %d unreadable",
-            len(files), len(todo), report.skipped, len(unreadable),
-        )
-        if progress:
-            progress.start(len(todo))
-        settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels)
-        pending: list[FileReading] = []
-        pending_digits = 0
-        paths = _until(list(todo), should_stop, report)
-        for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
-            for stage, seconds in reading.seconds.items():
-                report.stage_seconds[stage] += seconds
-            pending.append(reading)
-            pending_digits += len(reading.images)
-            if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_WRITE:
-                tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
-                pending, pending_digits = [], 0
-        tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
-        if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
-            report.outputs = _write(tables, options, report)
-        report.stale = len(stale_files(db, classifier.sha256))
+        try:
+            _run(files, problems, options, classifier, db, report, should_stop, progress)
+        except BaseException as error:
+            code = ExitCode.ctrl_c if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", ExitCode.other_error)
+            finish_run(db, run_id, exit_status=int(code))
+            raise
         report.seconds = time.perf_counter() - started
-        finish_run(db, run_id, exit_status=int(report.exit_code), planned=len(decisions), skipped=report.skipped)
+        finish_run(db, run_id, exit_status=int(report.exit_code), planned=report.files_found, skipped=report.skipped)
     return report
+
+
+def _run(
+    files: list[Path],
+    problems: list[tuple[Path, str]],
+    options: Options,
+    classifier: Classifier,
+    db: StateDB,
+    report: BatchReport,
+    should_stop: Callable[[], bool],
+    progress: Progress | None,
+) -> None:
+    """The body of :func:`run_batch`, under its locks and run record."""
+    run_id = report.run_id
+    if options.out_dir.is_dir():
+        remove_stale_temp_files(options.out_dir)
+    decisions = plan(
+        db, files, model_sha=classifier.sha256, force=options.force, retry_failed=options.retry_failed,
+        reprocess_stale=options.reprocess_stale,
+    )
+    if options.per_run:  # this run's rows only, in a folder of their own (never an earlier run's)
+        out_dir = options.out_dir / f"run-{run_id:05d}"
+        suffix = 1
+        while out_dir.exists():
+            suffix += 1
+            out_dir = options.out_dir / f"run-{run_id:05d}-{suffix}"
+        options = replace(options, out_dir=out_dir)
+        tables = empty_tables()
+    else:  # cumulative: every file's latest rows, carried over from earlier runs
+        tables = read_tables(options.out_dir, options.fmt)
+        decisions = _redo_files_missing_from(tables, decisions)
+    todo = {d.path: d for d in decisions if d.process}
+    report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
+    # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
+    unreadable = [(Path(os.path.abspath(path)), "find", reason) for path, reason in problems]
+    for d in decisions:
+        if d.kind == "unreadable":
+            unreadable.append((d.path, "read", d.error or "unreadable"))
+            mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
+    for path, stage, reason in unreadable:
+        _log_file_error(path, reason)
+    tables = _replace_rows(tables, [file_text(p) for p, _, _ in unreadable], errors=[
+        {"file": file_text(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
+    ])
+    report.failed += len(unreadable)
+    log.info(
+        "%d files found: %d to process, %d already done or skipped, %d unreadable",
+        len(files), len(todo), report.skipped, len(unreadable),
+    )
+    if progress:
+        progress.start(len(todo))
+    settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels)
+    pending: list[FileReading] = []
+    pending_digits = 0
+    paths = _until(list(todo), should_stop, report)
+    for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
+        for stage, seconds in reading.seconds.items():
+            report.stage_seconds[stage] += seconds
+        pending.append(reading)
+        pending_digits += len(reading.images)
+        if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_WRITE:
+            tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
+            pending, pending_digits = [], 0
+    tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
+    if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
+        report.outputs = _write(tables, options, report)
+    report.stale = len(stale_files(db, classifier.sha256))
+
+
+def _redo_files_missing_from(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
+    """Files the state records as done, with digits, whose rows are not in the tables read back
+    (the tables were deleted, or written in the other format): process them again, so the
+    cumulative tables never silently lose a file."""
+    present = set(tables["digits"]["file"])
+    redone = []
+    for d in decisions:
+        previous = d.previous
+        if (
+            not d.process and d.kind == "done" and previous is not None and previous.digits
+            and not ({file_text(d.path), neutralise_cell(file_text(d.path))} & present)
+        ):
+            fingerprint = d.fingerprint
+            if fingerprint is not None and fingerprint.sha256 is None:  # unchanged since it was hashed
+                fingerprint = replace(fingerprint, sha256=previous.sha256)
+            d = replace(d, process=True, fingerprint=fingerprint)
+        redone.append(d)
+    return redone
+
+
+def file_text(path: Path) -> str:
+    """A file name as the tables hold it: bytes that are not UTF-8 shown as \\xNN, and control
+    characters a spreadsheet cannot hold (all but tab, newline, carriage return) as "?"."""
+    return _CONTROL_CHARACTERS.sub("?", os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _log_file_error(path: Path, reason: str) -> None:
+    log.error("%s", reason if reason.startswith(f"{path}:") else f"{path}: {reason}")
 
 
 FILES_PER_WRITE = 64  # write outputs (and mark files done) at least this often
@@ -470,12 +580,12 @@ def _commit_batch(
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
     error_rows = [
-        {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
+        {"file": file_text(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
     ]
     for r in readings:
         if r.error:
-            log.error("%s", r.error[1] if str(r.path) in r.error[1] else f"{r.path}: {r.error[1]}")
-    tables = _replace_rows(tables, [str(r.path) for r in readings], digit_rows, field_rows, error_rows)
+            _log_file_error(r.path, r.error[1])
+    tables = _replace_rows(tables, [file_text(r.path) for r in readings], digit_rows, field_rows, error_rows)
     started = time.perf_counter()
     report.outputs = _write(tables, options, report)
     if options.annotate_dir:
@@ -490,7 +600,7 @@ def _commit_batch(
             mark_failed(db, r.path, decision.fingerprint, stage=r.error[0], reason=r.error[1], run_id=report.run_id)
             report.failed += 1
         else:
-            digits = int(digits_per_file.get(str(r.path), 0))
+            digits = int(digits_per_file.get(file_text(r.path), 0))
             mark_done(
                 db, r.path, decision.fingerprint, model_sha=classifier.sha256, pages=len(r.pages), digits=digits,
                 run_id=report.run_id,

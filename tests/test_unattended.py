@@ -298,3 +298,43 @@ def test_a_folder_of_bad_files_fails_only_those(tmp_path, mnist_test_small, conf
     expected = {path: digits if not path.endswith(".tif") else "427|427" for path, digits in good.items()}
     assert read == expected
     assert (out / "digits.csv").read_text(encoding="utf-8").count("palette_ß_東京.png") == 3
+
+
+def test_tables_deleted_or_format_switched_are_rebuilt(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 3, seed=8)
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    (out / "fields.csv").unlink()
+    (out / "digits.csv").unlink()
+    result = cli("process", folder, "--out", out, "--jobs", "1")
+    assert "3 to process" in result.stderr  # done in the state, but gone from the tables: read again
+    assert fields_by_file(out) == truth
+    xlsx = cli("process", folder, "--out", out, "--jobs", "1", "--format", "xlsx")
+    assert xlsx.returncode == 0 and "3 to process" in xlsx.stderr
+    assert dict(zip(*read_tables(out, "xlsx")["fields"][["file", "digits"]].T.values)) == truth
+
+
+def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 2, seed=9)
+    for _ in range(2):
+        result = cli("process", folder, "--out", folder / "results", "--annotate", folder / "results" / "pages")
+        assert result.returncode == 0, result.stderr
+    assert fields_by_file(folder / "results") == truth
+    assert len(list((folder / "results" / "pages").glob("*.png"))) == 2
+
+
+def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli):
+    folder, _ = scans
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fields.csv").write_text("a;b\n1;2\n")
+    damaged = cli("process", folder, "--out", out)
+    assert damaged.returncode == ExitCode.output
+    assert "fields.csv: the fields table has no column(s) file" in damaged.stderr
+    config = tmp_path / "nightly.toml"
+    config.write_text('[process]\ninputs = "scans"\n')
+    bad = cli("process", "--config", config)
+    assert bad.returncode == ExitCode.bad_args
+    assert "nightly.toml: setting 'inputs' must be a list of paths" in bad.stderr
