@@ -105,6 +105,7 @@ def read_config_file(path: Path) -> dict[str, object]:
 
     Keys are the long option names of ``hwr-batch process`` (``out``, ``format``, ``model``,
     ``min-confidence`` ...; dashes or underscores), plus ``inputs``, a list of files or folders.
+    Relative paths are taken relative to the config file's folder.
     Values given on the command line or in ``HWR_BATCH_*`` environment variables win.
 
     Raises:
@@ -132,6 +133,11 @@ def read_config_file(path: Path) -> dict[str, object]:
         expected = CONFIG_TYPES[name]
         if not _has_type(value, expected):
             raise BadArgsError(f"{path}: setting {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
+        # Relative paths are relative to the config file, not to wherever cron starts the job.
+        if expected == "path":
+            value = str(path.parent / value)
+        elif expected == "paths":
+            value = [str(path.parent / v) for v in value]
         settings[name] = value
     return settings
 

@@ -6,6 +6,7 @@ Every test runs the real `hwr-batch process` in a subprocess over real image fil
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -333,7 +334,13 @@ def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli)
     damaged = cli("process", folder, "--out", out)
     assert damaged.returncode == ExitCode.output
     assert "fields.csv: the fields table has no column(s) file" in damaged.stderr
+    (tmp_path / "scans").mkdir()
+    shutil.copy(folder / "scan_000.png", tmp_path / "scans")
     config = tmp_path / "nightly.toml"
+    config.write_text('[process]\ninputs = ["scans"]\nout = "from-config"\n')
+    good = cli("process", "--config", config, "--jobs", "1", cwd=out)  # run from elsewhere, as cron does
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "from-config" / "fields.csv").is_file() and not (out / "from-config").exists()
     config.write_text('[process]\ninputs = "scans"\n')
     bad = cli("process", "--config", config)
     assert bad.returncode == ExitCode.bad_args
