@@ -486,7 +486,7 @@ def _run(
         if d.kind == "unreadable":
             unreadable.append((d.path, "read", d.error or "unreadable"))
             mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
-    for path, stage, reason in unreadable:
+    for path, _stage, reason in unreadable:
         _log_file_error(path, reason)
     tables = _replace_rows(tables, [file_text(p) for p, _, _ in unreadable], errors=[
         {"file": file_text(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable

@@ -22,7 +22,6 @@ import pytest
 from conftest import digit_strip
 from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables
-from hwr_batch.runlock import acquire_lock
 
 
 def write_scans(folder: Path, data, confident: dict[int, list[int]], count: int, *, seed: int = 0) -> dict[str, str]:
