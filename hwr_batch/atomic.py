@@ -234,6 +234,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def neutralise_cell(value: object) -> object:
+    """One cell as :func:`neutralise_formulas` writes it: a string a spreadsheet would run as a
+    formula gets a leading apostrophe; anything else is returned as it is."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS) else value
+
+
 def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``df`` safe to open in a spreadsheet (OWASP CSV injection defence).
 
@@ -252,9 +258,6 @@ def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
     """
     import pandas as pd
 
-    def fix(v: object) -> object:
-        return "'" + v if isinstance(v, str) and v.startswith(FORMULA_TRIGGERS) else v
-
     out = df.copy()
     for i in range(out.shape[1]):
         col = out.iloc[:, i]
@@ -263,15 +266,15 @@ def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
             cats = dtype.categories
             if cats.dtype == object or pd.api.types.is_string_dtype(cats.dtype):
                 try:
-                    out.isetitem(i, col.cat.rename_categories([fix(c) for c in cats]))
+                    out.isetitem(i, col.cat.rename_categories([neutralise_cell(c) for c in cats]))
                 except ValueError:  # a fixed name collides with an existing category
-                    out.isetitem(i, col.astype(object).map(fix, na_action="ignore"))
+                    out.isetitem(i, col.astype(object).map(neutralise_cell, na_action="ignore"))
             continue
         if not (dtype == object or pd.api.types.is_string_dtype(dtype)):
             continue
-        out.isetitem(i, col.map(fix, na_action="ignore").astype(dtype))
-    out.columns = _fix_index(out.columns, fix)
-    out.index = _fix_index(out.index, fix)
+        out.isetitem(i, col.map(neutralise_cell, na_action="ignore").astype(dtype))
+    out.columns = _fix_index(out.columns, neutralise_cell)
+    out.index = _fix_index(out.index, neutralise_cell)
     return out
 
 

@@ -101,7 +101,10 @@ DataDirOption = Annotated[
 ]
 ModelOption = Annotated[
     Optional[Path],
-    typer.Option("--model", "-m", help="ONNX model (.onnx; a .keras path uses its .onnx twin). Default: $HWR_BATCH_MODEL, else the shipped model."),
+    typer.Option(
+        "--model", "-m", envvar="HWR_BATCH_MODEL",
+        help="ONNX model (.onnx; a .keras path uses its .onnx twin). Default: the shipped model.",
+    ),
 ]
 
 
@@ -131,10 +134,7 @@ def process(
             "every file's latest rows.",
         ),
     ] = False,
-    model: Annotated[
-        Optional[Path],
-        typer.Option("--model", "-m", envvar="HWR_BATCH_MODEL", help="ONNX model. Default: the shipped model."),
-    ] = None,
+    model: ModelOption = None,
     fields: Annotated[
         str,
         typer.Option(

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .annotate import annotate_files
-from .atomic import FORMULA_TRIGGERS, remove_stale_temp_files
+from .atomic import neutralise_cell, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_proba, top_two
 from .config import Options
 from .errors import ExitCode, HwrError
@@ -271,8 +271,6 @@ def _init_worker() -> None:
     """
     import signal
 
-    import cv2
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
@@ -512,7 +510,7 @@ def _run(
             pending, pending_digits = [], 0
     tables = _commit_batch(pending, tables, todo, db, classifier, options, report, progress)
     if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
-        report.outputs = _write(tables, options, report)
+        report.outputs = _write(tables, options)
     report.stale = len(stale_files(db, classifier.sha256))
 
 
@@ -558,7 +556,7 @@ def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchRepo
     for path in paths:
         if should_stop():
             report.interrupted = True
-            log.warning("stopping: the files already read are finished and written; %s", "re-run to do the rest")
+            log.warning("stopping: the files already read are finished and written; re-run to do the rest")
             return
         yield path
 
@@ -587,7 +585,7 @@ def _commit_batch(
             _log_file_error(r.path, r.error[1])
     tables = _replace_rows(tables, [file_text(r.path) for r in readings], digit_rows, field_rows, error_rows)
     started = time.perf_counter()
-    report.outputs = _write(tables, options, report)
+    report.outputs = _write(tables, options)
     if options.annotate_dir:
         annotate_files(good, digit_rows, field_rows, options)
     report.stage_seconds["write"] += time.perf_counter() - started
@@ -633,14 +631,9 @@ def _replace_rows(
     return out
 
 
-def _write(tables: dict[str, pd.DataFrame], options: Options, report: BatchReport) -> list[Path]:
+def _write(tables: dict[str, pd.DataFrame], options: Options) -> list[Path]:
     ordered = {name: frame.sort_values(SORT_KEYS[name], kind="stable") for name, frame in tables.items()}
     return write_tables(ordered, options.out_dir, options.fmt)
 
 
 SORT_KEYS = {"digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"]}
-
-
-def neutralise_cell(value: str) -> str:
-    """A file name as :func:`hwr_batch.atomic.neutralise_formulas` writes it to the tables."""
-    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
