@@ -91,6 +91,12 @@ ASPECT_PENALTY = 3.0  # penalty per digit height of width beyond WIDE_LIMIT (and
 WIDE_LIMIT = 0.9  # candidates wider than this many digit heights are probably two digits
 SLIM_LIMIT = 0.3  # candidates narrower than this share of their height are slim ...
 SLIM_PENALTY = 2.0  # ... and pay this unless the model reads them as '1'
+# Straight runs longer than this many digit heights are printed lines (ruling, boxes, underlines), not
+# strokes: horizontally 1.5 (a digit's longest flat stroke, a 7's bar or a 2's base, is under one
+# height), vertically 3 (a slanted 1 with its flag can be 1.5); both chosen on the tuning halves of the
+# real sets (scripts/score_real.py).
+HLINE = 1.5
+VLINE = 3.0
 
 
 def segment_field(
@@ -322,13 +328,12 @@ def _touches(c: _Comp, zone: np.ndarray) -> bool:
 def _remove_lines(mask: np.ndarray, height: float) -> np.ndarray:
     """Remove long horizontal and vertical straight lines, re-joining strokes that cross them.
 
-    A line is a straight run longer than digits are: horizontally 2.5 digit heights (and 60 % of the
-    field), vertically 2 digit heights.
+    A line is a straight run longer than digits are: HLINE digit heights horizontally, VLINE vertically.
     """
     w = mask.shape[1]
     out = mask
     for horizontal in (True, False):
-        length = max(round(2.5 * height), 6 * w // 10, 25) if horizontal else max(round(2 * height), 25)
+        length = max(round((HLINE if horizontal else VLINE) * height), 25)
         kernel = np.ones((1, length) if horizontal else (length, 1), np.uint8)
         # Close small gaps and jitter across the line's direction first, so slightly slanted or broken
         # ruling lines still give long straight runs.

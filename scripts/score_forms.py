@@ -13,7 +13,10 @@ writes.
 
 Figures:
     digit accuracy: truth digits read right at their position (i-th read digit vs i-th truth digit)
-        over all truth digits; digits of fields not found count wrong.
+        over all truth digits; digits of fields not found count wrong. One digit too many or too few
+        makes every later digit of the field wrong.
+    digit accuracy, aligned: 1 - (edit distance between read and truth strings) / truth digits, summed
+        over fields (the usual OCR character accuracy: an extra or missing digit costs one).
     field exact-match: truth fields whose read string equals the truth string.
     printed read: found fields that overlap no truth field but do overlap a printed label
         (``extra`` counts every found field that overlaps no truth field).
@@ -100,6 +103,16 @@ def _truth_cuts(field, truth: dict) -> list[np.ndarray]:
         crop = field.image[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)].astype(np.float32)
         out.append(np.clip((paper - crop) / max(paper - 30.0, 1.0), 0, 1) * (crop < paper - 40))
     return out
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions) between two short strings."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def pages_generated(args) -> "iter":
@@ -195,7 +208,7 @@ def main(argv=None) -> int:
         _, field_rows, _ = classify_readings(list(product_readings.values()), clf, min_confidence=0.8)
 
     # 3. Score.
-    n_digits = right = n_fields = exact = extra = printed_read = found_fields = 0
+    n_digits = right = edits = n_fields = exact = extra = printed_read = found_fields = 0
     errors = []
     for name, truth, found in records:
         reads = [((r["x"], r["y"], r["width"], r["height"]), r["digits"]) for r in field_rows if r["file"] == name] if product_readings else []
@@ -227,6 +240,7 @@ def main(argv=None) -> int:
                 used.add(best_j)
                 text = reads[best_j][1]
             right += sum(a == b for a, b in zip(text, tf["text"]))
+            edits += _edit_distance(text, tf["text"])
             exact += text == tf["text"]
             if text != tf["text"]:
                 errors.append({"page": name, "bbox": tf["bbox"], "truth": tf["text"], "read": text,
@@ -249,6 +263,7 @@ def main(argv=None) -> int:
         "found_fields": found_fields,
         "truth_digits": n_digits,
         "digit_accuracy": right / max(1, n_digits),
+        "digit_accuracy_aligned": 1 - edits / max(1, n_digits),
         "field_exact_match": exact / max(1, n_fields),
         "printed_read": printed_read,
         "extra_fields": extra,
