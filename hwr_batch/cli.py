@@ -280,6 +280,12 @@ def train(
     validation_size: Annotated[int, typer.Option(min=1, help="Training images held out for validation.")] = 5000,
     seed: Annotated[int, typer.Option(help="Random seed for the split, the weights and the augmentation.")] = 20261123,
     augment: Annotated[bool, typer.Option(help="Distort training digits (rotation, slant, size, shift, pen width).")] = True,
+    fragments: Annotated[
+        float,
+        typer.Option(min=0.0, help="Non-digits (parts of digits, two digits as one) to add per training digit, "
+                     "trained to low confidence so that `process` can tell good cuts from bad ones (0.3 helped on "
+                     "generated forms but hurt real scans; see models/MODEL_CARD.md); 0 = none."),
+    ] = 0.0,
     limit: Annotated[Optional[int], typer.Option(min=100, help="Train on the first N training images only (quick trials).")] = None,
     name: Annotated[str, typer.Option(help="Base name of the output files.")] = "hwr-digits",
     images: Annotated[
@@ -303,6 +309,7 @@ def train(
         validation_size=validation_size,
         seed=seed,
         augment=augment,
+        fragments=fragments,
         limit=limit,
     )
     result = run_training(out, data=data, data_dir=data_dir, config=config, name=name)

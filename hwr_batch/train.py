@@ -49,6 +49,10 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.8, 1.1)
     max_shift_px: float = 2.5
     stroke_change_prob: float = 0.3  # chance each of thinning and of thickening the strokes
+    # Non-digits (wrong cuts: parts of a digit, two digits as one) per training digit, trained towards the
+    # uniform distribution so that the model's confidence tells a good cut from a bad one (fragments.py).
+    # Off by default: it helps on generated forms but costs a lot on real scans (models/MODEL_CARD.md).
+    fragments: float = 0.0
     limit: int | None = None  # train on the first `limit` images only (tests, quick looks)
 
 
@@ -164,6 +168,39 @@ def augment_batch(images: tf.Tensor, config: TrainConfig) -> tf.Tensor:
     return tf.clip_by_value(warped, 0.0, 1.0)
 
 
+def with_fragments(
+    x: np.ndarray, y: np.ndarray, num_classes: int, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training images and soft targets: one-hot for the digits, uniform for added fragments (non-digits).
+
+    Args:
+        x: (N, 28, 28, 1) float32 training digits in [0, 1]; y: (N,) their labels.
+
+    Returns:
+        (N + F, 28, 28, 1) images and (N + F, num_classes) float32 targets, F = round(fragments * N).
+    """
+    from .fragments import make_fragments
+
+    targets = np.eye(num_classes, dtype=np.float32)[y]
+    count = int(round(config.fragments * len(x)))
+    if count == 0:
+        return x, targets
+    rng = np.random.default_rng([config.seed, 1])
+    frags = make_fragments(np.round(x[..., 0] * 255).astype(np.uint8), count, rng)[..., None]
+    uniform = np.full((count, num_classes), 1.0 / num_classes, np.float32)
+    return np.concatenate([x, frags]), np.concatenate([targets, uniform])
+
+
+def fragment_confidence(model: keras.Model, x_val: np.ndarray, config: TrainConfig, count: int = 3000) -> dict[str, float]:
+    """How confident the model is on fragments made from the validation digits (lower is better)."""
+    from .fragments import make_fragments
+
+    rng = np.random.default_rng([config.seed, 2])
+    frags = make_fragments(np.round(x_val[..., 0] * 255).astype(np.uint8), count, rng)[..., None]
+    top = model.predict(frags, batch_size=1024, verbose=0).max(axis=1)
+    return {"fragments": count, "mean_top_probability": float(top.mean()), "share_above_0.9": float((top > 0.9).mean())}
+
+
 def make_dataset(
     x: np.ndarray, y: np.ndarray, config: TrainConfig, *, training: bool
 ) -> tf.data.Dataset:
@@ -229,10 +266,11 @@ def train(
     keras.utils.set_random_seed(config.seed)
     x_train, y_train, x_val, y_val = split_train_validation(data, config)
     num_classes = int(data.labels.max()) + 1
+    x_fit, t_fit = with_fragments(x_train, y_train, num_classes, config)
     model = build_model(num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
     callbacks = [
@@ -246,8 +284,8 @@ def train(
     ]
     show_bar = sys.stderr.isatty() if progress is None else progress
     fit = model.fit(
-        make_dataset(x_train, y_train, config, training=True),
-        validation_data=make_dataset(x_val, y_val, config, training=False),
+        make_dataset(x_fit, t_fit, config, training=True),
+        validation_data=make_dataset(x_val, np.eye(num_classes, dtype=np.float32)[y_val], config, training=False),
         epochs=config.epochs,
         callbacks=callbacks,
         verbose=1 if show_bar else 0,
@@ -268,12 +306,14 @@ def train(
             "source": data.source,
             "sha256": checksums,
             "train_images": len(y_train),
+            "train_fragments": len(x_fit) - len(y_train),
             "validation_images": len(y_val),
         },
         "config": asdict(config),
         "epochs_run": len(history["loss"]),
         "best_epoch": best + 1,
         "best_val_accuracy": history["val_accuracy"][best],
+        "fragment_confidence": fragment_confidence(model, x_val, config),
         "history": history,
         "seconds": round(time.time() - started, 1),
         "environment": _environment(),

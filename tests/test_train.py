@@ -53,7 +53,7 @@ def test_augmentation_distorts_but_keeps_shape_range_and_most_ink(mnist_train_sm
 
 @pytest.mark.slow
 def test_short_training_run_learns_and_writes_its_outputs(tmp_path, mnist_train_small, mnist_test_small):
-    config = TrainConfig(epochs=4, batch_size=32, validation_size=100, early_stop_patience=10)
+    config = TrainConfig(epochs=4, batch_size=32, validation_size=100, early_stop_patience=10, fragments=0.3)
     result = train(tmp_path, data=mnist_train_small, config=config, name="tiny", progress=False)
 
     assert result.history["loss"][-1] < 0.7 * result.history["loss"][0]
@@ -63,6 +63,8 @@ def test_short_training_run_learns_and_writes_its_outputs(tmp_path, mnist_train_
     record = json.loads(result.record_path.read_text())
     assert record["parameters"] == 424_810
     assert record["data"]["train_images"] == 500 and record["data"]["validation_images"] == 100
+    assert record["data"]["train_fragments"] == round(config.fragments * 500)
+    assert 0.0 < record["fragment_confidence"]["mean_top_probability"] <= 1.0
     assert record["config"]["seed"] == config.seed and record["epochs_run"] == 4
     assert len(record["history"]["val_accuracy"]) == 4
 
