@@ -243,7 +243,7 @@ def main(argv=None) -> int:
             edits += _edit_distance(text, tf["text"])
             exact += text == tf["text"]
             if text != tf["text"]:
-                errors.append({"page": name, "bbox": tf["bbox"], "truth": tf["text"], "read": text,
+                errors.append({"page": name, "kind": tf["kind"], "bbox": tf["bbox"], "truth": tf["text"], "read": text,
                                "iou": round(best, 3)})
         for j, (bbox, text) in enumerate(reads):
             if j in used or any(box_iou(tf["bbox"], bbox) > 0 for tf in truth["fields"]):
