@@ -1,0 +1,58 @@
+"""A wheel built from the repository carries the shipped model, so `process` works after a plain install."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+# pip needs the build backend (setuptools) from the package index, or from its cache.
+_OFFLINE_SIGNS = ("Could not find a version that satisfies", "NewConnectionError", "Failed to establish", "Temporary failure in name resolution")
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_model_and_process_runs_from_it(tmp_path):
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "benchmarks", "tests"))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "wheel"), str(source)],
+        capture_output=True, text=True,
+    )
+    if built.returncode != 0 and any(sign in built.stdout + built.stderr for sign in _OFFLINE_SIGNS):
+        pytest.skip("cannot build a wheel: pip could not reach the package index for setuptools")
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "wheel").glob("hwr_batch-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hwr_batch/models/hwr-digits.onnx" in names and "hwr_batch/cli.py" in names
+    assert not any(name.startswith(("tests/", "samples/", "benchmarks/")) for name in names)
+
+    # Install the wheel on its own (dependencies come from this environment) and run it from outside the repo.
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
+        check=True, capture_output=True,
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HWR_BATCH_MODEL"} | {"PYTHONPATH": str(target)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import hwr_batch.classify as c; print(c.__file__); print(c.default_model_path())"],
+        cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert Path(where[0]).is_relative_to(target) and Path(where[1]) == target / "hwr_batch" / "models" / "hwr-digits.onnx"
+
+    run = subprocess.run(
+        [sys.executable, "-m", "hwr_batch", "-q", "process", str(REPO / "samples" / "page_0001.png"), "-o", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    fields = pd.read_csv(tmp_path / "out" / "fields.csv", dtype={"digits": str})
+    assert len(fields) > 0 and fields["digits"].notna().any()
