@@ -271,6 +271,8 @@ def train(
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss="categorical_crossentropy",
+        # On digits only: validation has no fragments. (With --fragments, training accuracy also scores
+        # each fragment's uniform target as class 0, so only val_accuracy is a digit accuracy.)
         metrics=["accuracy"],
     )
     callbacks = [
