@@ -68,7 +68,7 @@ def _digit_ink(image: np.ndarray) -> np.ndarray:
 
 
 def _part(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-    """The left or right 25-60 % of a digit's columns."""
+    """The left or right 20-45 % of a digit's columns, or None for a slice a '1' could be."""
     h, w = ink.shape
     keep = int(round(rng.uniform(0.2, 0.45) * w))
     if keep < 0.35 * h:  # a slim slice is a '1' in every way the model can see

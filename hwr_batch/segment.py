@@ -330,7 +330,6 @@ def _remove_lines(mask: np.ndarray, height: float) -> np.ndarray:
 
     A line is a straight run longer than digits are: HLINE digit heights horizontally, VLINE vertically.
     """
-    w = mask.shape[1]
     out = mask
     for horizontal in (True, False):
         length = max(round((HLINE if horizontal else VLINE) * height), 25)
