@@ -707,23 +707,15 @@ def bench_startup(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- (e) Tesseract
 
 
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def score(truth_texts: list[str], read_texts: list[str | None]) -> dict[str, Any]:
     """Field exact match, and digit accuracy = 1 - (edit distance) / (truth digits), summed over fields.
 
     A truth field that was not found reads as "" (all its digits count as deletions).
     """
+    from hwr_batch.evaluate import edit_distance
+
     exact = sum(1 for t, r in zip(truth_texts, read_texts) if r is not None and r == t)
-    edits = sum(levenshtein(r or "", t) for t, r in zip(truth_texts, read_texts))
+    edits = sum(edit_distance(r or "", t) for t, r in zip(truth_texts, read_texts))
     digits = sum(len(t) for t in truth_texts)
     found = sum(1 for r in read_texts if r is not None)
     return {"fields": len(truth_texts), "fields_found": found, "field_exact_match": exact / len(truth_texts) if truth_texts else 0,

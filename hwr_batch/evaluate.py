@@ -84,6 +84,20 @@ def evaluate(classifier: Classifier, data: LabelledImages) -> Evaluation:
     )
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions) between two strings.
+
+    Digit accuracy over fields is ``1 - sum(edit_distance(read, truth)) / sum(len(truth))``: a spurious or
+    missing digit costs one, not the rest of the field.
+    """
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 def load_labelled_folder(folder: Path, labels: str) -> LabelledImages:
     """Read digit images sorted into one sub-folder per class (``folder/7/scan_001.png``).
 

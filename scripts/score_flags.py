@@ -16,16 +16,15 @@ reasons (wide digit, no digits).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from score_real import default_data_dir  # beside this script
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_THRESHOLD = 0.8  # `process --min-confidence` default
+from hwr_batch.config import DEFAULT_MIN_CONFIDENCE
 
 
 def score_set(folder: Path, out: Path, thresholds: list[float]) -> list[dict[str, float]]:
@@ -46,7 +45,7 @@ def score_set(folder: Path, out: Path, thresholds: list[float]) -> list[dict[str
     m["flagged"] = m["flagged"].fillna(True).astype(bool)  # nothing found: flagged
     m["conf"] = m["conf"].fillna(0.0)
     right = m["digits"] == m["read"]
-    other = m["flagged"] & (m["conf"] >= DEFAULT_THRESHOLD)
+    other = m["flagged"] & (m["conf"] >= DEFAULT_MIN_CONFIDENCE)
     rows = []
     for t in thresholds:
         flagged = other | (m["conf"] < t)
@@ -63,7 +62,7 @@ def score_set(folder: Path, out: Path, thresholds: list[float]) -> list[dict[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("HWR_BATCH_REAL_DATA") or REPO.parent / "shared" / "data" / "real"))
+    p.add_argument("--data", type=Path, default=default_data_dir())
     p.add_argument("--thresholds", default="0.8,0.9,0.95,0.99")
     p.add_argument("--keep", type=Path, help="write the runs' outputs here instead of a temporary folder")
     args = p.parse_args(argv)

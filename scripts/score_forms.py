@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from hwr_batch.classify import load_classifier, predict_proba, top_two
+from hwr_batch.evaluate import edit_distance
 from hwr_batch.layout import analyse_page
 from hwr_batch.mnist import load_mnist
 from hwr_batch.normalise import to_mnist
@@ -103,16 +104,6 @@ def _truth_cuts(field, truth: dict) -> list[np.ndarray]:
         crop = field.image[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)].astype(np.float32)
         out.append(np.clip((paper - crop) / max(paper - 30.0, 1.0), 0, 1) * (crop < paper - 40))
     return out
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions) between two short strings."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
 
 
 def pages_generated(args) -> "iter":
@@ -240,7 +231,7 @@ def main(argv=None) -> int:
                 used.add(best_j)
                 text = reads[best_j][1]
             right += sum(a == b for a, b in zip(text, tf["text"]))
-            edits += _edit_distance(text, tf["text"])
+            edits += edit_distance(text, tf["text"])
             exact += text == tf["text"]
             if text != tf["text"]:
                 errors.append({"page": name, "kind": tf["kind"], "bbox": tf["bbox"], "truth": tf["text"], "read": text,

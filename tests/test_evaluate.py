@@ -10,7 +10,7 @@ import pytest
 
 from hwr_batch.classify import load_classifier, predict_proba, top_two
 from hwr_batch.errors import DatasetError, ModelError
-from hwr_batch.evaluate import evaluate, load_labelled_folder, write_reports
+from hwr_batch.evaluate import edit_distance, evaluate, load_labelled_folder, write_reports
 from hwr_batch.mnist import load_mnist
 
 
@@ -74,3 +74,13 @@ def test_corrupt_model_file(tmp_path):
     bad.write_bytes(b"\x08\x07garbage")
     with pytest.raises(ModelError, match="model.onnx: not a usable ONNX model"):
         load_classifier(bad)
+
+
+@pytest.mark.parametrize(
+    ("read", "truth", "distance"),
+    [("", "", 0), ("123", "123", 0), ("9964841", "994841", 1), ("", "12", 2), ("12", "", 2),
+     ("kitten", "sitting", 3), ("4643", "9643", 1), ("10", "0", 1)],
+)
+def test_edit_distance_counts_insertions_deletions_and_substitutions(read, truth, distance):
+    assert edit_distance(read, truth) == distance
+    assert edit_distance(truth, read) == distance
