@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +23,7 @@ FIELD_COLUMNS = (
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {"digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS}
 FORMATS = ("csv", "xlsx")
+XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
 
 def empty_tables() -> dict[str, pd.DataFrame]:
@@ -57,7 +59,8 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
     Args:
         tables: ``{"digits": df, "fields": df, "errors": df}``.
         out_dir: an existing or creatable folder.
-        fmt: ``"csv"`` (one UTF-8 file per table) or ``"xlsx"`` (one workbook, a sheet per table).
+        fmt: ``"csv"`` (one UTF-8 file per table) or ``"xlsx"`` (one workbook, a sheet per table;
+            a table longer than a sheet holds continues on sheets "digits (2)", "digits (3)", ...).
 
     Returns:
         The files written.
@@ -78,7 +81,10 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
         try:
             with atomic_path(path) as tmp, pd.ExcelWriter(tmp, engine="openpyxl") as workbook:
                 for name, frame in safe.items():
-                    _without_control_characters(frame).to_excel(workbook, sheet_name=name, index=False)
+                    frame = _without_control_characters(frame)
+                    for number, start in enumerate(range(0, max(len(frame), 1), XLSX_MAX_ROWS), start=1):
+                        sheet = name if number == 1 else f"{name} ({number})"
+                        frame.iloc[start : start + XLSX_MAX_ROWS].to_excel(workbook, sheet_name=sheet, index=False)
         except OSError as e:
             raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
         return [path]
@@ -119,7 +125,7 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         text_columns = {c: "string" for c in ("file", "digits", "digit", "second_choice", "reason", "flag_reason")}
         try:
             if fmt == "xlsx":
-                frame = pd.read_excel(path, sheet_name=name, dtype=text_columns, keep_default_na=False, na_values=[""])
+                frame = _read_sheets(path, name, text_columns)
             else:
                 frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
         except (OSError, ValueError, KeyError) as e:
@@ -132,3 +138,16 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
             )
         tables[name] = frame
     return tables
+
+
+def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame:
+    """Table ``name`` of a workbook: its sheet and any continuation sheets ("name (2)", ...), in order."""
+    with pd.ExcelFile(path, engine="openpyxl") as workbook:
+        sheets = [name] + [
+            s for s in workbook.sheet_names if re.fullmatch(rf"{re.escape(name)} \((\d+)\)", s)
+        ]
+        sheets[1:] = sorted(sheets[1:], key=lambda s: int(s.rsplit("(", 1)[1][:-1]))
+        frames = [
+            pd.read_excel(workbook, sheet_name=s, dtype=dtype, keep_default_na=False, na_values=[""]) for s in sheets
+        ]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
