@@ -116,7 +116,12 @@ def test_second_run_exits_at_once_with_the_lock_code(tmp_path, mnist_test_small,
     deadline = time.monotonic() + 120
     while not (lock_file.exists() and lock_file.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.01)
-    second = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=120)
+    # Pause the first run while it holds the lock, so that it cannot finish before the second starts.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     first_stderr = first.communicate(timeout=300)[1]
     assert second.returncode == ExitCode.lock_held, second.stderr
     assert f"pid {first.pid}" in second.stderr and "hwr-batch.lock" in second.stderr
@@ -151,16 +156,23 @@ def check_partial_outputs(out: Path, reference: dict[str, pd.DataFrame]) -> int:
     return len(files)
 
 
-def files_done(out: Path) -> int:
-    """Files the running process has marked done so far (its state database is WAL: reading never blocks it)."""
+def files_done(out: Path, *, writer_killed: bool = False) -> int:
+    """Files the process has marked done so far (its state database is WAL: reading never blocks it).
+
+    After a SIGKILL, open the database read-write: SQLite then recovers the WAL index, and so counts
+    a transaction the killed process had committed but not yet indexed, as the next run will.
+    """
     database = out / ".hwr-batch" / "state.sqlite3"
     if not database.exists():
         return 0
+    uri = f"file:{database}" if writer_killed else f"file:{database}?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, timeout=1)
     try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
-            return connection.execute("SELECT count(*) FROM files WHERE status = 'done'").fetchone()[0]
+        return connection.execute("SELECT count(*) FROM files WHERE status = 'done'").fetchone()[0]
     except sqlite3.Error:  # schema not created yet
         return 0
+    finally:
+        connection.close()
 
 
 @pytest.mark.slow
@@ -181,7 +193,7 @@ def test_sigkill_at_several_points_loses_and_duplicates_nothing(tmp_path, scans,
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL  # it was killed, not finished
-    marked = files_done(out)
+    marked = files_done(out, writer_killed=True)
     assert check_partial_outputs(out, reference) >= marked  # a file is marked done only once its rows are on disk
     assert marked < 12
     rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
