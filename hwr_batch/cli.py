@@ -147,8 +147,8 @@ def process(
         float,
         typer.Option(min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", help="Digits the model is less sure of are flagged for review."),
     ] = 0.8,
-    include: Annotated[Optional[list[str]], typer.Option(help="Only files matching this glob (repeatable), e.g. '*.tif'.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Skip files or folders matching this glob (repeatable).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Skip files or folders matching this glob (repeatable; case-insensitive).")] = None,
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", help="Worker processes for reading pages; 0 = one per core.")
     ] = 0,

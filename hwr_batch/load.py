@@ -50,6 +50,7 @@ def find_inputs(
         include: glob patterns on the file name or relative path; if given, only matching files
             are taken (e.g. ``"*.tif"``). Files named explicitly are always taken.
         exclude: glob patterns of files or folders to skip (e.g. ``"rejected/*"``).
+            Both match regardless of case: ``"*.tif"`` takes ``SCAN.TIF`` too.
         skip_dirs: folders never to walk into (the run's own output and state folders).
 
     Returns:
@@ -58,15 +59,17 @@ def find_inputs(
         Symlinked folders are not followed, so a symlink loop cannot trap the walk; hidden files
         and folders (names starting with ".") are skipped.
     """
-    include, exclude = tuple(include), tuple(exclude)
+    include, exclude = tuple(p.lower() for p in include), tuple(p.lower() for p in exclude)
     skipped = {os.path.realpath(d) for d in skip_dirs}
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
 
     def matches(patterns: tuple[str, ...], relative: str) -> bool:
+        # Case-insensitive, as on Windows: scanners write "SCAN_0001.TIF" as often as "scan_0001.tif".
+        relative = relative.lower()
         name = relative.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p) for p in patterns)
+        return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
     def add(path: Path) -> None:
         key = path.absolute()
