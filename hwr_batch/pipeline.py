@@ -223,6 +223,10 @@ def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 
             except BrokenProcessPool:
                 # A worker died (killed, out of memory, a crash in a decoder). Read the files that were
                 # in flight again one by one, each in a fresh process, to find the one that kills it.
+                log.warning(
+                    "a worker process died while reading %s or one of the %d other files in flight; "
+                    "reading them again one at a time", path, len(in_flight),
+                )
                 _kill_pool(pool)
                 for retry in [path, *(p for p, _ in in_flight)]:
                     yield _read_in_own_process(retry, settings)
@@ -241,8 +245,11 @@ def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 
 
 def _kill_pool(pool: ProcessPoolExecutor) -> None:
     """Shut down a broken pool without waiting: Python 3.11 would wait forever for its idle workers."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.kill()
+    if hasattr(pool, "kill_workers"):  # Python 3.14+
+        pool.kill_workers()
+    else:  # before 3.14 there is no public way to reach the workers
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
     pool.shutdown(wait=False, cancel_futures=True)
 
 

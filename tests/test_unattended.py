@@ -356,3 +356,43 @@ def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli)
     bad = cli("process", "--config", config)
     assert bad.returncode == ExitCode.bad_args
     assert "nightly.toml: setting 'inputs' must be a list of paths" in bad.stderr
+
+
+def _processes_reading(path: Path) -> list[int]:
+    """Pids of the processes that have ``path`` open (from /proc)."""
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                pids.append(int(fd_dir.parent.name))
+        except OSError:  # the process ended, or is not ours to look at
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_file_whose_reader_process_dies_is_reported_and_the_rest_are_read(tmp_path, mnist_test_small, confident_digits):
+    """A decoder crash or the OOM killer takes out a worker: stand-in, SIGKILL every process that opens one file."""
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 6, seed=12)
+    fatal = (folder / "scan_002_big.png").absolute()  # sorted among the others; ~36 MP of noise: slow to decode
+    noise = np.random.default_rng(0).integers(0, 256, (6000, 6000), dtype=np.uint8)
+    cv2.imwrite(str(fatal), noise, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "hwr_batch", "process", str(folder), "--out", str(out), "--jobs", "2"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    kills = 0
+    while process.poll() is None:
+        for pid in _processes_reading(fatal):
+            if pid != process.pid:  # the main process only stats it; a worker decodes it
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.002)
+    stderr = process.communicate()[1]
+    assert kills >= 2  # the worker in the pool, then the process it was retried in
+    assert process.returncode == ExitCode.partial_failure, stderr
+    assert "a worker process died" in stderr
+    assert fields_by_file(out) == truth  # every other file read, including those in flight with it
+    errors = read_tables(out)["errors"]
+    assert errors["file"].tolist() == [str(fatal)]
+    assert "the process reading it died" in errors["reason"].iloc[0]
