@@ -508,20 +508,30 @@ def _run(
     pending: list[FileReading] = []
     pending_digits = 0
     unwritten = _Unwritten()
+    writing = False
     paths = _until(list(todo), should_stop, report)
-    for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
-        for stage, seconds in reading.seconds.items():
-            report.stage_seconds[stage] += seconds
-        pending.append(reading)
-        pending_digits += len(reading.images)
-        if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
-            tables = _classify_batch(pending, tables, unwritten, classifier, options, report, progress)
-            pending, pending_digits = [], 0
-            if unwritten.write_due():
-                _flush(tables, unwritten, todo, db, classifier, options, report)
-    tables = _classify_batch(pending, tables, unwritten, classifier, options, report, progress)
+    try:
+        for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
+            for stage, seconds in reading.seconds.items():
+                report.stage_seconds[stage] += seconds
+            pending.append(reading)
+            pending_digits += len(reading.images)
+            if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
+                tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
+                pending, pending_digits = [], 0
+                if unwritten.write_due():
+                    writing = True
+                    _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+                    writing = False
+        tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
+    except Exception:
+        # A failure outside writing (annotating, a bug): first save what earlier batches read, so
+        # the next run need not redo it. A failed write is not tried again.
+        if unwritten.files and not writing:
+            _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+        raise
     if unwritten.files:
-        _flush(tables, unwritten, todo, db, classifier, options, report)
+        _flush(tables, unwritten, todo, db, classifier, options, report, progress)
     if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
         report.outputs = _write(tables, options)
     report.stale = len(stale_files(db, classifier.sha256))
@@ -580,8 +590,9 @@ class _Unwritten:
 
     The tables are rewritten whole, so writing them after every batch costs O(N^2) over a long run
     (an xlsx workbook of 100,000 digits takes 13 s to write). They are written once the time since
-    the last write is WRITE_INTERVAL_FACTOR times what that write took: small CSV tables after every
-    batch, as before; a large workbook every minute or so. (1,000 pages to xlsx: 257 s -> 106 s.)
+    the last write is WRITE_INTERVAL_FACTOR times what that write took, and at most
+    MAX_SECONDS_UNWRITTEN: small CSV tables after every batch, as before; a large workbook every
+    minute or so. (1,000 pages to xlsx: 257 s -> 106 s.)
     """
 
     files: list[tuple[Path, tuple[str, str] | None, int]] = field(default_factory=list)  # path, error, pages
@@ -591,10 +602,12 @@ class _Unwritten:
 
     def write_due(self) -> bool:
         elapsed = time.perf_counter() - self.last_write_ended
-        return bool(self.files) and elapsed >= WRITE_INTERVAL_FACTOR * self.last_write_seconds
+        wait = min(WRITE_INTERVAL_FACTOR * self.last_write_seconds, MAX_SECONDS_UNWRITTEN)
+        return bool(self.files) and elapsed >= wait
 
 
 WRITE_INTERVAL_FACTOR = 4.0
+MAX_SECONDS_UNWRITTEN = 300.0  # however slow the write, at most this much work waits to be written
 
 
 def _classify_batch(
@@ -604,7 +617,6 @@ def _classify_batch(
     classifier: Classifier,
     options: Options,
     report: BatchReport,
-    progress: Progress | None,
 ) -> dict[str, pd.DataFrame]:
     """Classify a batch of files and put their rows in the tables (in memory); annotate their pages."""
     if not readings:
@@ -626,9 +638,6 @@ def _classify_batch(
     # Keep only what marking the files needs: their normalised images can be freed now.
     unwritten.files.extend((r.path, r.error, len(r.pages)) for r in readings)
     unwritten.digit_files.extend(row["file"] for row in digit_rows)
-    if progress:
-        for r in readings:
-            progress.advance(r.path, "failed" if r.error else "done")
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
     return tables
@@ -642,6 +651,7 @@ def _flush(
     classifier: Classifier,
     options: Options,
     report: BatchReport,
+    progress: Progress | None,
 ) -> None:
     """Write the tables, then mark the files classified since the last write as done (or failed)."""
     started = time.perf_counter()
@@ -666,6 +676,8 @@ def _flush(
             report.processed += 1
             report.pages += pages
             report.digits += digits
+        if progress:
+            progress.advance(path, "failed" if error else "done")
     unwritten.files, unwritten.digit_files = [], []
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import openpyxl
+import pytest
 
 import hwr_batch.export as export
 import hwr_batch.pipeline as pipeline
@@ -25,15 +26,24 @@ def digit_rows(count: int) -> list[dict]:
 
 def test_a_table_longer_than_a_sheet_continues_on_further_sheets(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "XLSX_MAX_ROWS", 4)  # Excel's 1,048,575 would take minutes to fill
-    tables = {"digits": to_frame("digits", digit_rows(10)), "fields": to_frame("fields", []), "errors": to_frame("errors", [])}
+    tables = {"digits": to_frame("digits", digit_rows(42)), "fields": to_frame("fields", []), "errors": to_frame("errors", [])}
     write_tables(tables, tmp_path, "xlsx")
     workbook = openpyxl.load_workbook(tmp_path / "results.xlsx", read_only=True)
-    assert workbook.sheetnames == ["digits", "digits (2)", "digits (3)", "fields", "errors"]
-    assert [workbook[s].max_row for s in ("digits", "digits (2)", "digits (3)")] == [5, 5, 3]  # with headers
+    digit_sheets = ["digits"] + [f"digits ({n})" for n in range(2, 12)]  # 42 rows: 10 sheets of 4, one of 2
+    assert workbook.sheetnames == [*digit_sheets, "fields", "errors"]
+    assert [workbook[s].max_row for s in digit_sheets] == [5] * 10 + [3]  # with headers
     back = read_tables(tmp_path, "xlsx")
-    assert back["digits"]["x"].tolist() == list(range(10))  # all rows, in order
-    assert back["digits"]["digit"].tolist() == [str(i % 10) for i in range(10)]
+    assert back["digits"]["x"].tolist() == list(range(42))  # all rows, in order ("digits (10)" after "(9)")
+    assert back["digits"]["digit"].tolist() == [str(i % 10) for i in range(42)]
     assert len(back["fields"]) == 0 and list(back["fields"].columns) == list(export.FIELD_COLUMNS)
+
+
+def test_a_table_of_exactly_a_sheet_stays_on_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "XLSX_MAX_ROWS", 4)
+    tables = {"digits": to_frame("digits", digit_rows(4)), "fields": to_frame("fields", []), "errors": to_frame("errors", [])}
+    write_tables(tables, tmp_path, "xlsx")
+    assert openpyxl.load_workbook(tmp_path / "results.xlsx", read_only=True).sheetnames == ["digits", "fields", "errors"]
+    assert read_tables(tmp_path, "xlsx")["digits"]["x"].tolist() == [0, 1, 2, 3]
 
 
 def test_write_is_due_once_the_last_write_has_been_paid_for(monkeypatch):
@@ -69,3 +79,40 @@ def test_files_classified_after_the_last_due_write_are_written_and_marked_at_the
         assert db.execute("SELECT COUNT(*) FROM files WHERE status = 'done'").fetchone()[0] == 5
     finally:
         db.close()
+
+
+def test_a_failure_while_writes_are_held_back_keeps_what_was_read(
+    tmp_path, monkeypatch, mnist_test_small, confident_digits
+):
+    from test_unattended import write_scans
+
+    truth = write_scans(tmp_path / "scans", mnist_test_small, confident_digits, 6, seed=4)
+    monkeypatch.setattr(pipeline, "FILES_PER_BATCH", 1)
+    monkeypatch.setattr(pipeline, "WRITE_INTERVAL_FACTOR", 1e9)  # only the first batch is written when due
+    real_classify, calls = pipeline.classify_readings, []
+
+    def classify_failing_on_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected failure in classification")
+        return real_classify(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "classify_readings", classify_failing_on_the_fourth)
+    out = tmp_path / "out"
+    options = Options(inputs=(tmp_path / "scans",), out_dir=out, jobs=1)
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.run_batch(options)
+    written = read_tables(out)["fields"]
+    assert len(written) == 3  # the three files classified before the failure were written ...
+    assert dict(zip(written["file"], written["digits"])) == {f: truth[f] for f in written["file"]}
+    db = sqlite3.connect(out / ".hwr-batch" / pipeline.STATE_DB_NAME)
+    try:
+        done = {row[0] for row in db.execute("SELECT path FROM files WHERE status = 'done'")}
+    finally:
+        db.close()
+    assert done == set(written["file"])  # ... and marked done: exactly those, no more
+    monkeypatch.setattr(pipeline, "classify_readings", real_classify)
+    report = pipeline.run_batch(options)
+    assert report.processed == 3 and report.skipped == 3
+    fields = read_tables(out)["fields"]
+    assert dict(zip(fields["file"], fields["digits"])) == truth and len(fields) == 6
