@@ -89,3 +89,22 @@ def test_train_from_the_command_line(cli, tmp_path):
     record = json.loads((tmp_path / "cli-model.json").read_text())
     assert record["epochs_run"] == 2 and record["data"]["train_images"] == 500
     assert "epoch 2:" in result.stderr  # one log line per epoch goes to stderr
+
+
+def test_process_option_defaults_are_the_python_api_defaults():
+    """The CLI restates Options' defaults (importing config would pull OpenCV into --help): keep them equal."""
+    import inspect
+
+    from hwr_batch.cli import process
+    from hwr_batch.config import Options
+
+    cli_defaults = {name: p.default for name, p in inspect.signature(process).parameters.items()}
+    api = Options(inputs=())
+    pairs = {
+        "out": "out_dir", "fmt": "fmt", "per_run": "per_run", "fields": "field_mode",
+        "min_confidence": "min_confidence", "pdf_dpi": "pdf_dpi", "max_megapixels": "max_megapixels",
+        "jobs": "jobs", "force": "force", "retry_failed": "retry_failed", "reprocess_stale": "reprocess_stale",
+        "batch_digits": "batch_digits",
+    }
+    for cli_name, api_name in pairs.items():
+        assert cli_defaults[cli_name] == getattr(api, api_name), (cli_name, api_name)
