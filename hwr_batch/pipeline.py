@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
@@ -508,7 +508,6 @@ def _run(
     pending: list[FileReading] = []
     pending_digits = 0
     unwritten = _Unwritten()
-    writing = False
     paths = _until(list(todo), should_stop, report)
     try:
         for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
@@ -520,14 +519,12 @@ def _run(
                 tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
                 pending, pending_digits = [], 0
                 if unwritten.write_due():
-                    writing = True
                     _flush(tables, unwritten, todo, db, classifier, options, report, progress)
-                    writing = False
         tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
     except Exception:
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
-        # the next run need not redo it. A failed write is not tried again.
-        if unwritten.files and not writing:
+        # the next run need not redo it. (A failed write is not tried again: _flush takes the files first.)
+        if unwritten.files:
             _flush(tables, unwritten, todo, db, classifier, options, report, progress)
         raise
     if unwritten.files:
@@ -595,8 +592,7 @@ class _Unwritten:
     minute or so. (1,000 pages to xlsx: 257 s -> 106 s.)
     """
 
-    files: list[tuple[Path, tuple[str, str] | None, int]] = field(default_factory=list)  # path, error, pages
-    digit_files: list[str] = field(default_factory=list)  # the file of each digit row
+    files: list[tuple[Path, tuple[str, str] | None, int, int]] = field(default_factory=list)  # path, error, pages, digits
     last_write_ended: float = field(default_factory=time.perf_counter)
     last_write_seconds: float = 0.0
 
@@ -636,8 +632,8 @@ def _classify_batch(
         annotate_files(good, digit_rows, field_rows, options)
         report.stage_seconds["write"] += time.perf_counter() - started
     # Keep only what marking the files needs: their normalised images can be freed now.
-    unwritten.files.extend((r.path, r.error, len(r.pages)) for r in readings)
-    unwritten.digit_files.extend(row["file"] for row in digit_rows)
+    digits_per_file = Counter(row["file"] for row in digit_rows)
+    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[file_text(r.path)]) for r in readings)
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
     return tables
@@ -654,6 +650,7 @@ def _flush(
     progress: Progress | None,
 ) -> None:
     """Write the tables, then mark the files classified since the last write as done (or failed)."""
+    files, unwritten.files = unwritten.files, []
     started = time.perf_counter()
     report.outputs = _write(tables, options)
     unwritten.last_write_ended = time.perf_counter()
@@ -661,14 +658,12 @@ def _flush(
     report.stage_seconds["write"] += unwritten.last_write_seconds
     # Only now, with the outputs on disk, are the files marked: a crash before this line means
     # the next run processes them again and replaces (never duplicates) their rows.
-    digits_per_file = pd.Series(unwritten.digit_files, dtype="object").value_counts()
-    for path, error, pages in unwritten.files:
+    for path, error, pages, digits in files:
         decision = todo[path]
         if error:
             mark_failed(db, path, decision.fingerprint, stage=error[0], reason=error[1], run_id=report.run_id)
             report.failed += 1
         else:
-            digits = int(digits_per_file.get(file_text(path), 0))
             mark_done(
                 db, path, decision.fingerprint, model_sha=classifier.sha256, pages=pages, digits=digits,
                 run_id=report.run_id,
@@ -678,7 +673,6 @@ def _flush(
             report.digits += digits
         if progress:
             progress.advance(path, "failed" if error else "done")
-    unwritten.files, unwritten.digit_files = [], []
 
 
 def _replace_rows(

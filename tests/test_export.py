@@ -49,7 +49,7 @@ def test_a_table_of_exactly_a_sheet_stays_on_one(tmp_path, monkeypatch):
 def test_write_is_due_once_the_last_write_has_been_paid_for(monkeypatch):
     unwritten = pipeline._Unwritten()
     assert not unwritten.write_due()  # nothing classified since the last write
-    unwritten.files.append((Path("a.png"), None, 1))
+    unwritten.files.append((Path("a.png"), None, 1, 3))
     assert unwritten.write_due()  # the first write (cost unknown) is due at once
     unwritten.last_write_seconds = 30.0  # a big workbook: wait 4 x 30 s before the next write
     assert not unwritten.write_due()
