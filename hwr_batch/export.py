@@ -142,11 +142,10 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
 
 def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame:
     """Table ``name`` of a workbook: its sheet and any continuation sheets ("name (2)", ...), in order."""
+    continuation = re.compile(rf"{re.escape(name)} \((\d+)\)")
     with pd.ExcelFile(path, engine="openpyxl") as workbook:
-        sheets = [name] + [
-            s for s in workbook.sheet_names if re.fullmatch(rf"{re.escape(name)} \((\d+)\)", s)
-        ]
-        sheets[1:] = sorted(sheets[1:], key=lambda s: int(s.rsplit("(", 1)[1][:-1]))
+        numbered = {int(m[1]): s for s in workbook.sheet_names if (m := continuation.fullmatch(s))}
+        sheets = [name] + [numbered[n] for n in sorted(numbered)]
         frames = [
             pd.read_excel(workbook, sheet_name=s, dtype=dtype, keep_default_na=False, na_values=[""]) for s in sheets
         ]
