@@ -49,9 +49,11 @@ def make_fragments(images: np.ndarray, count: int, rng: np.random.Generator) -> 
         else:
             w = b.shape[1]
             keep = max(2, int(round(rng.uniform(0.2, 0.45) * w)))
-            ink = _side_by_side(a, b[:, :keep], rng.uniform(-0.1, 0.0), rng)
-            if rng.random() < 0.5:  # the neighbour's overhang on the left instead
-                ink = _side_by_side(b[:, w - keep :], a, rng.uniform(-0.1, 0.0), rng)
+            gap = rng.uniform(-0.1, 0.0)
+            if rng.random() < 0.5:  # the neighbour's left edge overhangs on the right of the digit ...
+                ink = _side_by_side(a, b[:, :keep], gap, rng)
+            else:  # ... or its right edge on the left
+                ink = _side_by_side(b[:, w - keep :], a, gap, rng)
         if ink is None or not ink.any():
             continue
         out[made] = to_mnist(ink)
