@@ -28,12 +28,15 @@ class Classifier:
     Attributes:
         session: the ``onnxruntime.InferenceSession``.
         labels: one character per class, in output order (``"0123456789"`` for digits).
+        rejects: the model has one more output after ``labels``: "not a digit" (a wrong cut, a
+            separator, a stray mark, printed text). It is never read as a character.
         path: the model file.
         sha256: hex digest of the model file: its identity in run records and the state database.
     """
 
     session: object
     labels: str
+    rejects: bool
     path: Path
     sha256: str
 
@@ -89,22 +92,51 @@ def load_classifier(path: Path | None = None, *, threads: int = 0) -> Classifier
     shape = session.get_inputs()[0].shape
     if list(shape[1:]) != [IMAGE_SIZE, IMAGE_SIZE, 1]:
         raise ModelError(f"{path}: model input is {shape}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1)")
-    labels = session.get_modelmeta().custom_metadata_map.get("labels", DIGIT_LABELS)
+    metadata = session.get_modelmeta().custom_metadata_map
+    labels = metadata.get("labels", DIGIT_LABELS)
+    rejects = metadata.get("reject_class") == "last"
     classes = session.get_outputs()[0].shape[-1]
-    if isinstance(classes, int) and classes != len(labels):
-        raise ModelError(f"{path}: model has {classes} outputs but {len(labels)} labels in its metadata")
-    return Classifier(session, labels, path, hashlib.sha256(model_bytes).hexdigest())
+    if isinstance(classes, int) and classes != len(labels) + rejects:
+        raise ModelError(
+            f"{path}: model has {classes} outputs but {len(labels)} labels"
+            f"{' and a reject class' if rejects else ''} in its metadata"
+        )
+    return Classifier(session, labels, rejects, path, hashlib.sha256(model_bytes).hexdigest())
 
 
 def predict_proba(classifier: Classifier, images: np.ndarray, *, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Class probabilities for a stack of normalised digits.
+    """Probabilities of the labelled classes (digits) for a stack of normalised digits.
+
+    For a model with a reject class its probability is left out (see :func:`predict_scores`), so a row
+    sums to 1 minus the chance that the image is not a digit at all.
 
     Args:
         images: (N, 28, 28) or (N, 28, 28, 1); float in [0, 1] or uint8 in [0, 255]; white on black.
 
     Returns:
-        (N, classes) float32 softmax probabilities.
+        (N, len(classifier.labels)) float32 softmax probabilities.
     """
+    return predict_scores(classifier, images, batch_size=batch_size)[0]
+
+
+def predict_scores(
+    classifier: Classifier, images: np.ndarray, *, batch_size: int = BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label probabilities and "not a digit" probabilities for a stack of normalised digits, in one pass.
+
+    Returns:
+        (N, len(classifier.labels)) float32 label probabilities, and (N,) float32 probability that each
+        image is not a digit (zeros for a model without a reject class).
+    """
+    probabilities = _run(classifier, images, batch_size)
+    labels = len(classifier.labels)
+    if classifier.rejects:
+        return probabilities[:, :labels], probabilities[:, labels]
+    return probabilities, np.zeros(len(probabilities), np.float32)
+
+
+def _run(classifier: Classifier, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Every output of the model for a stack of images: (N, outputs) float32."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
@@ -114,7 +146,7 @@ def predict_proba(classifier: Classifier, images: np.ndarray, *, batch_size: int
     session = classifier.session
     name = session.get_inputs()[0].name
     if len(x) == 0:
-        return np.zeros((0, len(classifier.labels)), np.float32)
+        return np.zeros((0, len(classifier.labels) + classifier.rejects), np.float32)
     chunks = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(chunks)
 

@@ -292,14 +292,33 @@ def train(
         Optional[Path], typer.Option(help="Train on this IDX images file instead of MNIST (needs --labels; e.g. EMNIST letters).")
     ] = None,
     labels: Annotated[Optional[Path], typer.Option(help="IDX labels file that goes with --images (classes 0..C-1).")] = None,
+    real: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="DIR[a:b][*N]",
+            help="Also train on real fields labelled with their digit strings: a folder with truth.csv "
+            "(columns image, digits). [a:b] takes rows a to b-1 of its digits-only fields; *N repeats them. "
+            "Repeat the option for several sets. Gives the model a 'not a digit' output (see README).",
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="With --real: alignment-and-training rounds.")] = 2,
+    start_model: Annotated[
+        Optional[Path],
+        typer.Option(help="With --real: the .onnx model that aligns the first round (its .keras twin is the "
+                     "starting weights). Default: the shipped model.", dir_okay=False),
+    ] = None,
 ) -> None:
     """Train the CNN (MNIST digits by default); write NAME.keras, NAME.onnx, NAME.json (run record), NAME-curves.png."""
     from .errors import BadArgsError
     from .mnist import load_idx_pair
-    from .train import TrainConfig, train as run_training
+
+    require_training_extra("train")
+    from .train import RealFieldSet, TrainConfig, train as run_training, train_on_real
 
     if (images is None) != (labels is None):
         raise BadArgsError("--images and --labels go together")
+    if real and images is not None:
+        raise BadArgsError("--real trains a digit model on MNIST plus real fields; it does not go with --images")
     data = load_idx_pair(images, labels) if images is not None else None
 
     config = TrainConfig(
@@ -312,8 +331,64 @@ def train(
         fragments=fragments,
         limit=limit,
     )
-    result = run_training(out, data=data, data_dir=data_dir, config=config, name=name)
+    if real:
+        try:
+            sets = [RealFieldSet.parse(spec) for spec in real]
+        except ValueError as e:
+            raise BadArgsError(f"--real {e}") from None
+        result = train_on_real(
+            out, sets, rounds=rounds, start_model=start_model, data_dir=data_dir, config=config, name=name, jobs=2
+        )
+    else:
+        result = run_training(out, data=data, data_dir=data_dir, config=config, name=name)
     typer.echo(f"best validation accuracy {result.best_val_accuracy:.4f}; model {result.onnx_path}")
+
+
+@app.command()
+def learn(
+    corrections: Annotated[
+        Path,
+        typer.Argument(
+            help="A CSV with columns file, page, field, digits: rows of fields.csv whose digits a person "
+            "corrected or confirmed (digits = the true string). Rows whose digits are empty or not digits are "
+            "left out.",
+            dir_okay=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new model (never the shipped model's).")] = Path(
+        "learned-model"
+    ),
+    model: ModelOption = None,
+    mnist_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="MNIST folder: a sample of its digits is mixed in so the model keeps what it knew. "
+                     "Default: the download folder of `hwr-batch download-mnist`.", file_okay=False),
+    ] = None,
+    holdout: Annotated[float, typer.Option(min=0.05, max=0.9, help="Share of the fields held back to measure on.")] = 0.2,
+    epochs: Annotated[int, typer.Option(min=1, help="Most fine-tuning epochs (early stopping may end sooner).")] = 10,
+    fields: Annotated[
+        str, typer.Option(help="How the scans were read by `process` (auto, boxes, lines, whole): field numbers follow it.")
+    ] = "auto",
+    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="As given to `process`.")] = 300,
+) -> None:
+    """Adapt the model to your own forms: fine-tune it on corrected fields, measure before and after.
+
+    Re-reads each corrected field from its scan, aligns its true digits to the segmenter's cuts, fine-tunes
+    from the current model, and reads a held-back share of the fields with the old and the new model.
+    Writes OUT/hwr-digits.onnx (use it with `process --model`), its Keras twin, the training record and
+    OUT/learn.json (base model, data, figures). Says plainly whether the new model is better.
+    """
+    require_training_extra("learn")
+    from .learn import LearnConfig, learn as run_learn
+    from .pipeline import ReadSettings
+
+    result = run_learn(
+        corrections, out, base_model=model, mnist_dir=mnist_dir,
+        config=LearnConfig(holdout=holdout, epochs=epochs),
+        settings=ReadSettings(field_mode=fields, pdf_dpi=pdf_dpi),
+    )
+    typer.echo(result.summary())
+    typer.echo(f"model {result.model_path}; record {result.record_path}")
 
 
 @app.command()
@@ -370,6 +445,7 @@ def export_onnx(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .onnx file. Default: beside the .keras file.")] = None,
 ) -> None:
     """Convert a trained .keras model to ONNX, which `process` and `evaluate` run without TensorFlow."""
+    require_training_extra("export-onnx")
     from .train import export_onnx as run_export
 
     path = run_export(keras_model, out or keras_model.with_suffix(".onnx"))
@@ -382,6 +458,20 @@ def download_mnist(data_dir: DataDirOption = None) -> None:
     from .mnist import download_mnist as run_download
 
     typer.echo(str(run_download(data_dir)))
+
+
+def require_training_extra(command: str) -> None:
+    """Fail with advice when TensorFlow (the ``train`` extra) is not installed: reading scans does not need it."""
+    import importlib.util
+
+    missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        from .errors import ModelError
+
+        raise ModelError(
+            f"`hwr-batch {command}` needs {' and '.join(missing)}, which reading scans does not: "
+            "install the training extra with  pip install 'hwr-batch[train]'"
+        )
 
 
 def main() -> None:

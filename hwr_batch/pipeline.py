@@ -29,15 +29,15 @@ import pandas as pd
 
 from .annotate import annotate_files
 from .atomic import neutralise_cell, remove_stale_temp_files
-from .classify import Classifier, load_classifier, predict_proba, top_two
+from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError
 from .export import empty_tables, read_tables, to_frame, write_tables
-from .layout import analyse_page
+from .layout import Field, Layout, analyse_page
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
-from .segment import DigitCrop, FieldCandidates, choose_reading, segment_field_candidates
+from .segment import FieldCandidates, read_field, segment_field_candidates
 from .state import Decision, StateDB, begin_run, finish_run, mark_done, mark_failed, open_state, plan, stale_files
 
 log = logging.getLogger(__name__)
@@ -145,18 +145,11 @@ def _read_page(
     started = time.perf_counter()
     layout = analyse_page(gray, mode=settings.field_mode, dpi=dpi)
     seconds["layout"] += time.perf_counter() - started
-    # Fields on a page scanned finer than SEGMENT_DPI are segmented at SEGMENT_DPI: digits 5-8 mm tall
-    # are then 40-63 px, plenty for a 20x20 box, and segmenting a 300 dpi page costs 40% less
-    # (measured on 30 generated pages: same digit accuracy, field exact-match 82.7% -> 85.1%).
-    # Crops of a single field ("whole") keep their resolution: their dpi is unknown.
-    scale = SEGMENT_DPI / layout.dpi if layout.mode != "whole" and layout.dpi > SEGMENT_DPI * 1.15 else 1.0
+    scale = segmenting_scale(layout)
     fields = []
     for found in layout.fields:
         started = time.perf_counter()
-        image = found.image
-        if scale != 1.0:
-            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        candidates = segment_field_candidates(image)
+        candidates = segment_field_candidates(field_image(found, scale))
         seconds["segment"] += time.perf_counter() - started
         started = time.perf_counter()
         first = len(images)
@@ -166,13 +159,36 @@ def _read_page(
         inner_x, inner_y, _, _ = found.inner
         # The field image is the box plus a margin; its interior starts at `inner` within it.
         origin = (x - inner_x, y - inner_y)
-        light = FieldCandidates(
-            tuple(DigitCrop(_rescale(p.bbox, 1 / scale), _NO_INK) for p in candidates.pieces),
-            candidates.units,
-            candidates.digit_height / scale,
-        )
-        fields.append(FieldReading(found.bbox, origin, found.kind, light, first))
+        fields.append(FieldReading(found.bbox, origin, found.kind, candidates.without_ink(scale), first))
     return PageReading(index, tuple(fields), gray.shape[:2], layout.angle)
+
+
+def segmenting_scale(layout: Layout) -> float:
+    """The factor by which a page's fields are resized before they are segmented.
+
+    Fields on a page scanned finer than SEGMENT_DPI are segmented at SEGMENT_DPI: digits 5-8 mm tall
+    are then 40-63 px, plenty for a 20x20 box, and segmenting a 300 dpi page costs 40% less
+    (measured on 30 generated pages: same digit accuracy, field exact-match 82.7% -> 85.1%).
+    Crops of a single field ("whole") keep their resolution: their dpi is unknown.
+    """
+    return SEGMENT_DPI / layout.dpi if layout.mode != "whole" and layout.dpi > SEGMENT_DPI * 1.15 else 1.0
+
+
+def field_image(found: Field, scale: float) -> np.ndarray:
+    """A field's image as it is segmented (resized by ``scale``)."""
+    if scale == 1.0:
+        return found.image
+    return cv2.resize(found.image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+def iter_field_images(path: Path, settings: ReadSettings = ReadSettings()) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(page, field, image) of every field of a file, numbered as in ``fields.csv`` (from 1), each image
+    as ``process`` segments it. Raises :class:`HwrError` for a file that cannot be read."""
+    for page in iter_pages(path, pdf_dpi=settings.pdf_dpi, max_megapixels=settings.max_megapixels):
+        layout = analyse_page(page.gray, mode=settings.field_mode, dpi=page.dpi)
+        scale = segmenting_scale(layout)
+        for number, found in enumerate(layout.fields, start=1):
+            yield page.index + 1, number, field_image(found, scale)
 
 
 def read_page(
@@ -189,16 +205,7 @@ def read_page(
     return page, (np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
 
 
-_NO_INK = np.zeros((0, 0), np.float32)
 SEGMENT_DPI = 200
-
-
-def _rescale(bbox: tuple[int, int, int, int], factor: float) -> tuple[int, int, int, int]:
-    """A box (x, y, w, h) measured on an image resized by 1/factor, in the original image's pixels."""
-    if factor == 1.0:
-        return bbox
-    x, y, w, h = bbox
-    return (round(x * factor), round(y * factor), max(1, round(w * factor)), max(1, round(h * factor)))
 
 
 def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 1) -> Iterator[FileReading]:
@@ -293,7 +300,8 @@ def classify_readings(
     """
     stacks = [r.images for r in readings if len(r.images)]
     started = time.perf_counter()
-    probabilities = predict_proba(classifier, np.concatenate(stacks)) if stacks else np.zeros((0, 0), np.float32)
+    images = np.concatenate(stacks) if stacks else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    probabilities, reject_probabilities = predict_scores(classifier, images)
     seconds = time.perf_counter() - started
     labels = classifier.labels
     digit_rows: list[dict] = []
@@ -304,8 +312,12 @@ def classify_readings(
         for page in reading.pages:
             for number, found in enumerate(page.fields, start=1):
                 pieces = found.candidates.pieces
-                field_probabilities = probabilities[offset + found.first : offset + found.first + len(pieces)]
-                chosen = choose_reading(found.candidates, field_probabilities) if len(pieces) else []
+                span = slice(offset + found.first, offset + found.first + len(pieces))
+                field_probabilities = probabilities[span]
+                choice = read_field(
+                    found.candidates, field_probabilities, reject_probabilities[span] if classifier.rejects else None
+                )
+                chosen = choice.digits
                 top = top_two(field_probabilities[chosen]) if chosen else None
                 digits = []
                 for position, piece_index in enumerate(chosen):

@@ -32,7 +32,7 @@ is in the field's pixel coordinates.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -74,19 +74,49 @@ class FieldCandidates:
         pieces: every candidate digit, in no particular order; classify them all.
         units: the field's units, left to right; a reading picks one path of spans per unit.
         digit_height: the field's estimated digit height in px (0 if there is no ink).
+        joins: (first_unit, last_unit, piece_index): a candidate digit made of two neighbouring units
+            (a digit drawn in two strokes, such as a 5 whose top stands apart); a reading may take it
+            in place of both units' own paths.
     """
 
     pieces: tuple[DigitCrop, ...]
     units: tuple[Unit, ...]
     digit_height: float
+    joins: tuple[tuple[int, int, int], ...] = ()
 
     def default_reading(self) -> list[int]:
         """Piece indices of the shape-only reading, left to right."""
         return [i for unit in self.units for i in unit.default]
 
+    def without_ink(self, scale: float = 1.0) -> FieldCandidates:
+        """The same candidates with their ink dropped (small to keep or send between processes), and
+        boxes and digit height measured on an image resized by ``scale`` given back in original pixels."""
+        pieces = tuple(DigitCrop(_rescale(p.bbox, 1 / scale), _NO_INK) for p in self.pieces)
+        return replace(self, pieces=pieces, digit_height=self.digit_height / scale)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The cuts chosen for one field.
+
+    Attributes:
+        digits: piece indices read as digits, left to right.
+        rejected: piece indices on the chosen path that the model calls "not a digit" (separators,
+            stray marks, printed text): stepped over, never read.
+    """
+
+    digits: list[int]
+    rejected: list[int]
+
 
 # Scoring of candidate readings (see choose_reading).
-PIECE_BONUS = -1.0  # log-probability credit per digit, so that cutting is not always penalised
+PIECE_BONUS = -1.0  # log-probability added per digit, for a model without a reject class
+# With a reject class every span of the path scores its own log-probability (digit or "not a digit"), and
+# each digit earns this bonus, so that two digits beat one "not a digit" merge of them (chosen on the
+# training folds of the real sets, never on the measuring sets).
+DIGIT_BONUS = 1.0
+JOIN_GAP = 0.25  # neighbouring units closer than this many digit heights may be one digit in two strokes
+JOIN_WIDTH = 1.1  # ... if together they are at most this many digit heights wide
 ASPECT_PENALTY = 3.0  # penalty per digit height of width beyond WIDE_LIMIT (and of height below 0.35)
 WIDE_LIMIT = 0.9  # candidates wider than this many digit heights are probably two digits
 SLIM_LIMIT = 0.3  # candidates narrower than this share of their height are slim ...
@@ -166,59 +196,125 @@ def segment_field_candidates(
     labels = cv2.connectedComponents(sheared, connectivity=8)[1]
     pieces: list[DigitCrop] = []
     units: list[Unit] = []
-    for group in _merge_overlapping(comps):
+    groups = _merge_overlapping(comps)
+    for group in groups:
         units.append(_unit_candidates(group, labels, darkness, offsets, height, pieces, max_span=max_span))
-    return FieldCandidates(tuple(pieces), tuple(units), float(height))
+    joins = _join_candidates(groups, labels, darkness, offsets, height, pieces)
+    return FieldCandidates(tuple(pieces), tuple(units), float(height), tuple(joins))
 
 
-def choose_reading(cands: FieldCandidates, probabilities: np.ndarray) -> list[int]:
-    """Pick the cuts of each unit whose digits the model reads most confidently.
+def choose_reading(
+    cands: FieldCandidates, probabilities: np.ndarray, reject_probabilities: np.ndarray | None = None
+) -> list[int]:
+    """Piece indices of the digits of :func:`read_field`'s reading, left to right."""
+    return read_field(cands, probabilities, reject_probabilities).digits
 
-    Each candidate digit scores log(top probability) + PIECE_BONUS minus a penalty for an implausible
-    width/height ratio; per unit, the path of spans from the left edge to the right edge with the highest
-    total score wins (dynamic programming).
+
+def read_field(
+    cands: FieldCandidates,
+    probabilities: np.ndarray,
+    reject_probabilities: np.ndarray | None = None,
+    *,
+    digit_bonus: float | None = None,
+) -> Reading:
+    """Pick the cuts of the field whose digits the model reads most confidently.
+
+    Each unit is crossed from its left edge to its right edge along candidate spans; two neighbouring
+    units may instead be crossed by one joined candidate. Without a reject class each span is a digit
+    scoring log(top probability) + PIECE_BONUS. With one, each span is either a digit scoring
+    log(top digit probability) + DIGIT_BONUS or "not a digit" scoring log(its reject probability), so
+    separators, stray marks, fragments and merges are stepped over. Digits pay a penalty for an
+    implausible width/height ratio. The best total wins (dynamic programming).
 
     Args:
         cands: from :func:`segment_field_candidates`.
-        probabilities: (len(cands.pieces), classes) class probabilities of the pieces, in order.
+        probabilities: (len(cands.pieces), labels) label probabilities of the pieces, in order.
+        reject_probabilities: (len(cands.pieces),) "not a digit" probabilities, or None for a model
+            without a reject class.
+        digit_bonus: overrides DIGIT_BONUS (or PIECE_BONUS without a reject class).
 
     Returns:
-        Piece indices of the chosen digits, left to right.
+        The chosen digits and the pieces on the path read as "not a digit".
     """
     if len(cands.pieces) == 0:
-        return []
+        return Reading([], [])
     probs = np.asarray(probabilities, dtype=np.float64)
-    score = np.log(np.maximum(probs.max(axis=1), 1e-9)) + PIECE_BONUS
+    rejects = reject_probabilities is not None
+    if digit_bonus is None:
+        digit_bonus = DIGIT_BONUS if rejects else PIECE_BONUS
+    digit_score = np.log(np.maximum(probs.max(axis=1), 1e-9)) + digit_bonus
     height = max(cands.digit_height, 1.0)
     best_label = probs.argmax(axis=1)
     for i, piece in enumerate(cands.pieces):
-        score[i] -= ASPECT_PENALTY * _aspect_misfit(piece.bbox, height)
+        digit_score[i] -= ASPECT_PENALTY * _aspect_misfit(piece.bbox, height)
         _, _, w, h = piece.bbox
         if w < SLIM_LIMIT * h and best_label[i] != 1:
-            score[i] -= SLIM_PENALTY
-    reading: list[int] = []
-    for unit in cands.units:
-        best = np.full(unit.n_cuts, -np.inf)
-        back: list[tuple[int, int] | None] = [None] * unit.n_cuts
-        best[0] = 0.0
-        for start, end, index in sorted(unit.spans):
-            if best[start] == -np.inf:
-                continue
-            value = best[start] + score[index]
+            digit_score[i] -= SLIM_PENALTY
+    if rejects:
+        reject_score = np.log(np.maximum(np.asarray(reject_probabilities, np.float64), 1e-9))
+        is_digit = digit_score >= reject_score
+        score = np.where(is_digit, digit_score, reject_score)
+    else:
+        is_digit = np.ones(len(digit_score), bool)
+        score = digit_score
+    # Best path per unit, then the best way through the units, with or without joins.
+    unit_paths = [_best_unit_path(unit, score) for unit in cands.units]
+    n = len(cands.units)
+    best = np.full(n + 1, -np.inf)
+    best[0] = 0.0
+    back: list[tuple[int, list[int]] | None] = [None] * (n + 1)
+    joins_ending: dict[int, list[tuple[int, int]]] = {}
+    for first, last, index in cands.joins if rejects else ():  # joins need a model that can say "not a digit"
+        joins_ending.setdefault(last + 1, []).append((first, index))
+    for u in range(1, n + 1):
+        value, path = unit_paths[u - 1]
+        best[u], back[u] = best[u - 1] + value, (u - 1, path)
+        for first, index in joins_ending.get(u, []):
+            if best[first] + score[index] > best[u]:
+                best[u], back[u] = best[first] + score[index], (first, [index])
+    chosen: list[int] = []
+    node = n
+    while node > 0:
+        previous, path = back[node]  # type: ignore[misc]
+        chosen[:0] = path
+        node = previous
+    return Reading([i for i in chosen if is_digit[i]], [i for i in chosen if not is_digit[i]])
 
-            if value > best[end]:
-                best[end], back[end] = value, (start, index)
-        chosen: list[int] = []
-        node = unit.n_cuts - 1
-        while node > 0 and back[node] is not None:
-            start, index = back[node]  # type: ignore[misc]
-            chosen.append(index)
-            node = start
-        reading.extend(reversed(chosen) if node == 0 else unit.default)
-    return reading
+
+def _best_unit_path(unit: Unit, score: np.ndarray) -> tuple[float, list[int]]:
+    """The highest-scoring path of spans across a unit, and its score (the shape-only path if none)."""
+    best = np.full(unit.n_cuts, -np.inf)
+    back: list[tuple[int, int] | None] = [None] * unit.n_cuts
+    best[0] = 0.0
+    for start, end, index in sorted(unit.spans):
+        if best[start] == -np.inf:
+            continue
+        value = best[start] + score[index]
+        if value > best[end]:
+            best[end], back[end] = value, (start, index)
+    chosen: list[int] = []
+    node = unit.n_cuts - 1
+    while node > 0 and back[node] is not None:
+        start, index = back[node]  # type: ignore[misc]
+        chosen.append(index)
+        node = start
+    if node != 0:
+        return float(sum(score[i] for i in unit.default)), list(unit.default)
+    return float(best[-1]), chosen[::-1]
 
 
 # --------------------------------------------------------------------------------------------- internals
+
+_NO_INK = np.zeros((0, 0), np.float32)
+
+
+def _rescale(bbox: tuple[int, int, int, int], factor: float) -> tuple[int, int, int, int]:
+    """A box (x, y, w, h) measured on an image resized by 1/factor, in the original image's pixels."""
+    if factor == 1.0:
+        return bbox
+    x, y, w, h = bbox
+    return (round(x * factor), round(y * factor), max(1, round(w * factor)), max(1, round(h * factor)))
+
 
 _OTSU_FACTOR = 0.6  # strong ink is at least this fraction of the field's Otsu level ...
 _PEAK_FACTOR = 0.4  # ... and of the local ink level (darkest ink nearby)
@@ -470,6 +566,37 @@ def _unit_candidates(
     return Unit(len(cuts), tuple(spans), default)
 
 
+def _join_candidates(
+    groups: list[list[_Comp]],
+    labels: np.ndarray,
+    darkness: np.ndarray,
+    offsets: np.ndarray,
+    height: float,
+    pieces: list[DigitCrop],
+) -> list[tuple[int, int, int]]:
+    """Candidate digits made of two neighbouring units that nearly touch and are together digit-sized.
+
+    A digit drawn in two strokes (a 5's detached top, a 4 in two strokes, a 1's lead-in) falls apart
+    into two units; the joined candidate lets the model read it whole. Appends to ``pieces``.
+    """
+    joins = []
+    for i in range(len(groups) - 1):
+        left, right = groups[i], groups[i + 1]
+        x0 = min(c.x for c in left + right)
+        x1 = max(c.x + c.w for c in left + right)
+        gap = min(c.x for c in right) - max(c.x + c.w for c in left)
+        if gap > JOIN_GAP * height or x1 - x0 > JOIN_WIDTH * height:
+            continue
+        y0 = min(c.y for c in left + right)
+        y1 = max(c.y + c.h for c in left + right)
+        sub = np.isin(labels[y0:y1, x0:x1], [c.label for c in left + right]).astype(np.uint8)
+        piece = _piece(sub, darkness, offsets, 0, x1 - x0, x0, y0, height, keep_all=True)
+        if piece is not None:
+            joins.append((i, i + 1, len(pieces)))
+            pieces.append(piece)
+    return joins
+
+
 def _cut_positions(sub: np.ndarray, height: float) -> list[int]:
     """Candidate x positions (inside the unit) where touching digits may be cut."""
     w = sub.shape[1]
@@ -518,10 +645,12 @@ def _piece(
     x0: int,
     y0: int,
     height: float,
+    *,
+    keep_all: bool = False,
 ) -> DigitCrop | None:
     """The candidate digit between columns a and b of a (deslanted) unit, slivers of neighbours removed.
 
-    Its ink is taken from the field's original (slanted) frame.
+    Its ink is taken from the field's original (slanted) frame. ``keep_all`` keeps small strokes too.
     """
     part = sub[:, a:b]
     n, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(part), connectivity=8)
@@ -529,7 +658,7 @@ def _piece(
         return None
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.zeros(n, bool)
-    keep[1:] = (areas >= 0.15 * areas.max()) | (stats[1:, cv2.CC_STAT_HEIGHT] >= 0.4 * height)
+    keep[1:] = keep_all | (areas >= 0.15 * areas.max()) | (stats[1:, cv2.CC_STAT_HEIGHT] >= 0.4 * height)
     ys, xs = np.nonzero(keep[labels])
     ys = ys + y0
     xs = xs + x0 + a - offsets[ys]  # back to the original frame

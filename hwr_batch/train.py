@@ -68,9 +68,12 @@ class TrainResult:
     best_val_accuracy: float
 
 
+REJECT_CLASS = len(DIGIT_LABELS)  # a digit model's 11th output: "not a digit"
+
+
 def labels_for(num_classes: int) -> str:
-    """Class labels for a model with ``num_classes`` outputs: digits (10) or letters (26)."""
-    if num_classes == len(DIGIT_LABELS):
+    """Class labels for a model with ``num_classes`` outputs: digits (10, or 11 with "not a digit") or letters (26)."""
+    if num_classes in (len(DIGIT_LABELS), len(DIGIT_LABELS) + 1):
         return DIGIT_LABELS
     if num_classes == len(LETTER_LABELS):
         return LETTER_LABELS
@@ -243,6 +246,9 @@ def train(
     config: TrainConfig = TrainConfig(),
     name: str = MODEL_NAME,
     progress: bool | None = None,
+    extra: LabelledImages | None = None,
+    init_from: Path | None = None,
+    sources: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train the CNN (on MNIST by default) and write ``<name>.keras``, ``<name>.onnx``, ``<name>.json`` and a curves PNG.
 
@@ -254,6 +260,11 @@ def train(
         config: hyper-parameters and augmentation.
         name: base name of the output files.
         progress: show Keras' per-batch progress bar; default only when stderr is a terminal.
+        extra: more training images added to ``data`` (real digits aligned from labelled fields, and
+            "not a digit" examples labelled REJECT_CLASS, which gives the model its reject output).
+        init_from: a ``.keras`` model to start from (fine-tuning); a 10-class digit model can start an
+            11-class one (its reject output starts untrained).
+        sources: descriptions of every data source (name, size, terms) for the run record.
     """
     import keras
 
@@ -264,10 +275,18 @@ def train(
         checksums = verify_mnist(data_dir, SPLIT_FILES["train"])
         data = load_mnist("train", data_dir, verify=False)
     keras.utils.set_random_seed(config.seed)
+    mnist_images = len(data)
+    if extra is not None and len(extra):
+        data = LabelledImages(
+            np.concatenate([data.images, extra.images]), np.concatenate([data.labels, extra.labels]),
+            f"{data.source} + {extra.source}",
+        )
     x_train, y_train, x_val, y_val = split_train_validation(data, config)
     num_classes = int(data.labels.max()) + 1
     x_fit, t_fit = with_fragments(x_train, y_train, num_classes, config)
     model = build_model(num_classes)
+    if init_from is not None:
+        start_from(model, Path(init_from))
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss="categorical_crossentropy",
@@ -307,6 +326,11 @@ def train(
         "data": {
             "source": data.source,
             "sha256": checksums,
+            "sources": sources or [],
+            "base_images": mnist_images,
+            "extra_images": len(extra) if extra is not None else 0,
+            "extra_rejects": int((extra.labels == REJECT_CLASS).sum()) if extra is not None and num_classes == 11 else 0,
+            "init_from": str(init_from) if init_from else None,
             "train_images": len(y_train),
             "train_fragments": len(x_fit) - len(y_train),
             "validation_images": len(y_val),
@@ -326,6 +350,33 @@ def train(
     curves_path = plot_history(history, out_dir / f"{name}-curves.png")
     log.info("wrote %s, %s, %s, %s", keras_path, onnx_path, record_path, curves_path)
     return TrainResult(keras_path, onnx_path, record_path, curves_path, history, history["val_accuracy"][best])
+
+
+def start_from(model: keras.Model, path: Path) -> None:
+    """Copy a saved model's weights into ``model``; an output layer with fewer classes fills the first ones."""
+    import keras
+
+    try:
+        base = keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for unreadable files
+        from .errors import ModelError
+
+        raise ModelError(f"{path}: cannot load the model to start from ({e})") from None
+    for layer, old in zip(model.layers, base.layers):
+        new_weights, old_weights = layer.get_weights(), old.get_weights()
+        if all(a.shape == b.shape for a, b in zip(new_weights, old_weights)):
+            layer.set_weights(old_weights)
+            continue
+        # The output layer of a 10-class model in an 11-class one: keep the digits, start "not a digit" small.
+        kernel, bias = new_weights
+        old_kernel, old_bias = old_weights
+        if old_kernel.shape[0] != kernel.shape[0] or old_kernel.shape[1] > kernel.shape[1]:
+            raise ValueError(f"{path}: layer {old.name} does not fit {layer.name}")
+        kernel[:, : old_kernel.shape[1]] = old_kernel
+        bias[: old_bias.shape[0]] = old_bias
+        kernel[:, old_kernel.shape[1] :] *= 0.1
+        bias[old_bias.shape[0] :] = old_bias.min()
+        layer.set_weights([kernel, bias])
 
 
 def save_for_inference(model: keras.Model, path: Path) -> Path:
@@ -349,12 +400,16 @@ def export_onnx(model: keras.Model | Path, onnx_path: Path, *, labels: str | Non
 
     if not isinstance(model, keras.Model):
         model = keras.models.load_model(model)
+    classes = int(model.output_shape[-1])
     if labels is None:
-        labels = labels_for(int(model.output_shape[-1]))
+        labels = labels_for(classes)
     signature = [tf.TensorSpec((None, *INPUT_SHAPE), tf.float32, name="image")]
     function = tf.function(lambda image: model(image, training=False), input_signature=signature)
     proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=17)
-    for key, value in {"labels": labels, "producer": "hwr_batch.train.export_onnx"}.items():
+    metadata = {"labels": labels, "producer": "hwr_batch.train.export_onnx"}
+    if classes == len(labels) + 1:
+        metadata["reject_class"] = "last"  # the extra output is "not a digit" (hwr_batch.classify)
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx_path = Path(onnx_path)
@@ -404,3 +459,98 @@ def _environment() -> dict[str, str]:
         "machine": platform.machine(),
         "cpus": str(os.cpu_count()),
     }
+
+
+@dataclass(frozen=True)
+class RealFieldSet:
+    """Labelled real fields to train on: a truth folder (see :mod:`hwr_batch.labelled`), some of its rows.
+
+    Attributes:
+        folder: the folder holding ``truth.csv``.
+        start, stop: the rows of its digits-only fields used (Python slice bounds; None = open).
+        repeat: how many times each aligned example appears per epoch (to weigh a small set up).
+    """
+
+    folder: Path
+    start: int | None = None
+    stop: int | None = None
+    repeat: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> RealFieldSet:
+        """``DIR``, ``DIR[a:b]`` (rows a to b-1 of its digits-only fields), optionally ``*N`` (repeat)."""
+        import re
+
+        match = re.fullmatch(r"(.+?)(?:\[(\d*):(\d*)\])?(?:\*(\d+))?", spec.strip())
+        if not match:
+            raise ValueError(f"{spec!r}: expected DIR, DIR[a:b] or either with *N")
+        folder, a, b, repeat = match.groups()
+        return cls(Path(folder), int(a) if a else None, int(b) if b else None, int(repeat) if repeat else 1)
+
+    def __str__(self) -> str:
+        rows = f"[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]"
+        return f"{self.folder}{rows if (self.start, self.stop) != (None, None) else ''}{f'*{self.repeat}' if self.repeat > 1 else ''}"
+
+
+def train_on_real(
+    out_dir: Path,
+    real: list[RealFieldSet],
+    *,
+    rounds: int = 2,
+    start_model: Path | None = None,
+    data_dir: Path | None = None,
+    config: TrainConfig = TrainConfig(),
+    name: str = MODEL_NAME,
+    jobs: int = 1,
+) -> TrainResult:
+    """Train on MNIST plus real fields labelled with their digit strings only, in rounds.
+
+    Each round aligns every labelled field's digits to the segmenter's candidate cuts with the current
+    model (:mod:`hwr_batch.align`), adds the aligned digits and the refused cuts ("not a digit") to MNIST's
+    training digits, and trains the CNN with a reject output, starting from the current model's weights.
+    Round k writes to ``out_dir/round-k``; the last round writes to ``out_dir``.
+
+    Args:
+        real: the labelled field sets.
+        rounds: alignment-and-training rounds.
+        start_model: the ``.onnx`` model of the first alignment, whose ``.keras`` twin the first round
+            starts from (default: the shipped model).
+        jobs: processes for segmenting the fields.
+    """
+    from .align import examples_from_fields
+    from .classify import SHIPPED_MODEL, load_classifier
+    from .labelled import cached_segmentation, read_truth_folder
+
+    out_dir = Path(out_dir)
+    current = Path(start_model) if start_model else SHIPPED_MODEL
+    segmented = []
+    for index, field_set in enumerate(real):
+        crops = read_truth_folder(field_set.folder)[field_set.start : field_set.stop]
+        cache = out_dir / "segmented" / f"{index}-{field_set.folder.name}.pkl"
+        fields = [f for f in cached_segmentation(crops, cache, jobs=jobs) if f is not None]
+        log.info("%s: %d labelled fields segmented", field_set, len(fields))
+        segmented.append(fields)
+    result: TrainResult | None = None
+    for round_number in range(1, rounds + 1):
+        classifier = load_classifier(current)
+        parts, sources = [], []
+        for field_set, fields in zip(real, segmented):
+            examples, report = examples_from_fields(
+                fields, classifier, source=str(field_set), repeat=field_set.repeat, seed=config.seed + round_number
+            )
+            log.info("round %d, %s: %s", round_number, field_set, report.as_dict())
+            parts.append(examples)
+            sources.append({"set": str(field_set), **report.as_dict(), "repeat": field_set.repeat})
+        extra = LabelledImages(
+            np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+            " + ".join(str(s) for s in real),
+        )
+        target = out_dir if round_number == rounds else out_dir / f"round-{round_number}"
+        sources.append({"aligned_with": str(current), "round": round_number, "of": rounds})
+        result = train(
+            target, data_dir=data_dir, config=config, name=name, extra=extra,
+            init_from=current.with_suffix(".keras"), sources=sources,
+        )
+        current = result.onnx_path
+    assert result is not None
+    return result

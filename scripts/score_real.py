@@ -30,9 +30,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hwr_batch.classify import load_classifier, predict_proba
+from hwr_batch.classify import load_classifier, predict_proba, predict_scores
 from hwr_batch.normalise import to_mnist
-from hwr_batch.segment import choose_reading, segment_field_candidates
+from hwr_batch.segment import read_field, segment_field_candidates
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,25 +77,26 @@ def read_fields(
     return cands, images, seconds, cpu
 
 
-def classify_all(clf, cands: list, images: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
-    """One batched model call for all pieces of all fields; returns per-field probabilities and seconds."""
+def classify_all(clf, cands: list, images: list[np.ndarray]) -> tuple[list[np.ndarray], list, float]:
+    """One batched model call for all pieces of all fields; per-field digit and reject probabilities, seconds."""
     t0 = time.perf_counter()
     stack = np.stack(images) if images else np.zeros((0, 28, 28), np.float32)
-    probs = predict_proba(clf, stack)
+    probs, rejects = predict_scores(clf, stack)
     seconds = time.perf_counter() - t0
-    out, start = [], 0
+    out, out_rejects, start = [], [], 0
     for c in cands:
         out.append(probs[start : start + len(c.pieces)])
+        out_rejects.append(rejects[start : start + len(c.pieces)] if clf.rejects else None)
         start += len(c.pieces)
-    return out, seconds
+    return out, out_rejects, seconds
 
 
-def readings(clf, cands: list, probs: list[np.ndarray]) -> tuple[list[str], list[str], list[list[int]]]:
+def readings(clf, cands: list, probs: list[np.ndarray], rejects: list) -> tuple[list[str], list[str], list[list[int]]]:
     """Model-chosen and shape-only strings per field, and the chosen piece indices."""
     labels = clf.labels
     model_strings, shape_strings, chosen = [], [], []
-    for c, p in zip(cands, probs):
-        pick = choose_reading(c, p)
+    for c, p, r in zip(cands, probs, rejects):
+        pick = read_field(c, p, r).digits
         chosen.append(pick)
         model_strings.append("".join(labels[int(np.argmax(p[i]))] for i in pick))
         shape_strings.append("".join(labels[int(np.argmax(p[i]))] for i in c.default_reading()))
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "danish_row_numbers":
             rows = [(i, r) for i, r in rows if r.get("digits_only") == "yes"]
         cands, images, seg_seconds, seg_cpu = read_fields(folder, rows)
-        probs, clf_seconds = classify_all(clf, cands, images)
-        model_strings, shape_strings, chosen = readings(clf, cands, probs)
+        probs, rejects, clf_seconds = classify_all(clf, cands, images)
+        model_strings, shape_strings, chosen = readings(clf, cands, probs, rejects)
         truths = [r["digits"] for _, r in rows]
         entry = half_stats(rows, truths, {"model": model_strings, "shape": shape_strings}, n_total)
         entry["timing"] = {

@@ -203,21 +203,11 @@ def _model_path() -> Path:
 
 
 def _read_strings(folder: Path, rows: list[dict[str, str]], model: Path) -> list[str]:
-    from hwr_batch.classify import load_classifier, predict_proba
-    from hwr_batch.normalise import to_mnist
+    from hwr_batch.align import read_segmented, segment_labelled
+    from hwr_batch.classify import load_classifier
 
-    clf = load_classifier(model)
-    cands = [
-        segment_field_candidates(cv2.imread(str(folder / r["image"]), cv2.IMREAD_GRAYSCALE)) for r in rows
-    ]
-    images = [to_mnist(p.ink) for c in cands for p in c.pieces]
-    probs = predict_proba(clf, np.stack(images))
-    out, start = [], 0
-    for c in cands:
-        p = probs[start : start + len(c.pieces)]
-        start += len(c.pieces)
-        out.append("".join(clf.labels[int(np.argmax(p[i]))] for i in choose_reading(c, p)))
-    return out
+    fields = [segment_labelled(cv2.imread(str(folder / r["image"]), cv2.IMREAD_GRAYSCALE), r["digits"]) for r in rows]
+    return read_segmented(fields, load_classifier(model))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,120 @@
+"""Labelled real fields: folders of field crops with a ``truth.csv`` (image, digits), segmented for training.
+
+A truth folder holds field images and a ``truth.csv`` whose ``image`` column is a path relative to the
+folder and whose ``digits`` column is the field's digit string (the layout of the real sets in
+``../shared/data/real/``; a ``digits_only`` column, where present, marks labels that are not digits only).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import pickle
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .align import SegmentedField, segment_labelled
+from .errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelledCrop:
+    """One field image on disk and the digits it holds."""
+
+    path: Path
+    digits: str
+
+
+def read_truth_folder(folder: Path, *, limit: int | None = None) -> list[LabelledCrop]:
+    """The digits-only rows of a truth folder's ``truth.csv``, in file order.
+
+    Raises:
+        DatasetError: no ``truth.csv``, or it lacks the ``image`` and ``digits`` columns.
+    """
+    folder = Path(folder)
+    truth = folder / "truth.csv"
+    try:
+        with open(truth, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise DatasetError(f"{truth}: cannot read the labels ({e.strerror or e})") from None
+    if rows and not {"image", "digits"} <= set(rows[0]):
+        raise DatasetError(f"{truth}: needs the columns image and digits, has {', '.join(rows[0])}")
+    crops = [
+        LabelledCrop(folder / row["image"], row["digits"].strip())
+        for row in rows
+        if row.get("digits_only", "yes") == "yes" and row["digits"].strip().isdigit()
+    ]
+    return crops[:limit] if limit else crops
+
+
+def segment_crops(crops: Sequence[LabelledCrop], *, jobs: int = 1) -> list[SegmentedField | None]:
+    """Segment every crop (None where the image cannot be read), in ``jobs`` processes."""
+    if jobs <= 1 or len(crops) < 64:
+        return [_segment_crop(c) for c in crops]
+    with multiprocessing.get_context("forkserver").Pool(jobs, initializer=_single_threaded) as pool:
+        return pool.map(_segment_crop, crops, chunksize=64)
+
+
+def cached_segmentation(
+    crops: Sequence[LabelledCrop], cache: Path | None, *, jobs: int = 1
+) -> list[SegmentedField | None]:
+    """:func:`segment_crops`, kept in a pickle file so that repeated experiments segment once.
+
+    The cache is keyed by the crops' paths and labels and by the segmenter's source code, so an edit to
+    the segmenter or the normaliser invalidates it.
+    """
+    key = _cache_key(crops)
+    if cache is not None and cache.is_file():
+        with open(cache, "rb") as f:
+            stored_key, fields = pickle.load(f)
+        if stored_key == key:
+            return fields
+    fields = segment_crops(crops, jobs=jobs)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump((key, fields), f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(cache)
+    return fields
+
+
+def _segment_crop(crop: LabelledCrop) -> SegmentedField | None:
+    gray = cv2.imread(str(crop.path), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        log.warning("%s: cannot read the image; left out", crop.path)
+        return None
+    return segment_labelled(gray, crop.digits, key=str(crop.path))
+
+
+def _single_threaded() -> None:
+    cv2.setNumThreads(1)
+
+
+def _cache_key(crops: Iterable[LabelledCrop]) -> str:
+    import hashlib
+
+    from . import normalise, segment
+
+    digest = hashlib.sha256()
+    for module in (segment, normalise):
+        digest.update(Path(module.__file__).read_bytes())
+    for crop in crops:
+        digest.update(f"{crop.path}\t{crop.digits}\n".encode())
+    return digest.hexdigest()
+
+
+def stack_images(fields: Sequence[SegmentedField]) -> tuple[np.ndarray, np.ndarray]:
+    """All candidates of many fields in one (N, 28, 28) uint8 stack, and each field's first index."""
+    counts = [len(f.images) for f in fields]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    images = np.concatenate([f.images for f in fields]) if fields else np.zeros((0, 28, 28), np.uint8)
+    return images, starts
