@@ -118,3 +118,30 @@ def stack_images(fields: Sequence[SegmentedField]) -> tuple[np.ndarray, np.ndarr
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     images = np.concatenate([f.images for f in fields]) if fields else np.zeros((0, 28, 28), np.uint8)
     return images, starts
+
+
+def generated_form_fields(
+    digits, pages: int, *, seed: int = 0, min_iou: float = 0.5
+) -> list[SegmentedField]:
+    """Labelled fields from generated form pages (:mod:`hwr_batch.synth`), read as ``process`` reads them.
+
+    Each page is laid out by the product's own layout step; every found field that matches a drawn
+    field (box IoU >= ``min_iou``) is segmented and labelled with the drawn digits. Train with pages
+    drawn from MNIST's *training* digits, so that the generated-forms score (test digits) stays clean.
+    """
+    from .layout import analyse_page
+    from .pipeline import field_image, segmenting_scale
+    from .synth import box_iou, make_form
+
+    fields = []
+    for k in range(pages):
+        rng = np.random.default_rng([seed, k])
+        page, truth = make_form(rng, digits, dpi=int(rng.integers(200, 301)))
+        layout = analyse_page(page, dpi=truth["dpi"])
+        scale = segmenting_scale(layout)
+        for number, found in enumerate(layout.fields, start=1):
+            best = max(truth["fields"], key=lambda t: box_iou(t["bbox"], found.bbox), default=None)
+            if best is None or box_iou(best["bbox"], found.bbox) < min_iou or not best["text"]:
+                continue
+            fields.append(segment_labelled(field_image(found, scale), best["text"], key=f"form{seed}-{k}#{number}"))
+    return fields

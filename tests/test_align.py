@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from hwr_batch.align import REJECT, aligned_examples, align_label, refused_pieces, segment_labelled
@@ -72,13 +74,18 @@ def test_alignment_may_join_two_units_into_one_digit():
 
 def test_reading_with_a_reject_class_steps_over_what_is_not_a_digit():
     cands = _field([[(0, 1)], [(0, 1)], [(0, 1)]])
-    probs = np.full((3, 10), 0.01)
-    probs[0, 2], probs[1, 1], probs[2, 5] = 0.9, 0.2, 0.9
-    rejects = np.array([0.01, 0.75, 0.01])
+    comma = replace(cands.pieces[1], bbox=(12, 14, 4, 6))  # small and narrow: cheap to step over
+    cands = replace(cands, pieces=(cands.pieces[0], comma, cands.pieces[2]))
+    probs = np.full((3, 10), 0.004)
+    probs[0, 2], probs[1, 1], probs[2, 5] = 0.95, 0.04, 0.95
+    rejects = np.array([0.01, 0.95, 0.01])
     reading = read_field(cands, probs, rejects)
     assert reading.digits == [0, 2] and reading.rejected == [1]
     # Without a reject class every unit is a digit.
     assert read_field(cands, probs).digits == [0, 1, 2]
+    # A digit-sized piece is not dropped on the same odds: its ink has to be explained.
+    digit_sized = tuple(DigitCrop((20 * i, 0, 16, 20), NO_INK) for i in range(3))
+    assert read_field(replace(cands, pieces=digit_sized), probs, rejects).digits == [0, 1, 2]
 
 
 def test_reading_prefers_two_digits_to_one_rejected_merge():
