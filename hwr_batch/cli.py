@@ -302,6 +302,11 @@ def train(
         ),
     ] = None,
     rounds: Annotated[int, typer.Option(min=1, help="With --real: alignment-and-training rounds.")] = 2,
+    forms: Annotated[
+        int,
+        typer.Option(min=0, help="With --real: also align the fields of this many generated form pages of MNIST "
+                     "training digits (their wrong cuts teach 'not a digit' on MNIST-style handwriting)."),
+    ] = 0,
     start_model: Annotated[
         Optional[Path],
         typer.Option(help="With --real: the .onnx model that aligns the first round (its .keras twin is the "
@@ -337,7 +342,8 @@ def train(
         except ValueError as e:
             raise BadArgsError(f"--real {e}") from None
         result = train_on_real(
-            out, sets, rounds=rounds, start_model=start_model, data_dir=data_dir, config=config, name=name, jobs=2
+            out, sets, rounds=rounds, start_model=start_model, data_dir=data_dir, config=config, name=name, jobs=2,
+            forms=forms,
         )
     else:
         result = run_training(out, data=data, data_dir=data_dir, config=config, name=name)

@@ -519,6 +519,7 @@ def train_on_real(
     config: TrainConfig = TrainConfig(),
     name: str = MODEL_NAME,
     jobs: int = 1,
+    forms: int = 0,
 ) -> TrainResult:
     """Train on MNIST plus real fields labelled with their digit strings only, in rounds.
 
@@ -533,6 +534,8 @@ def train_on_real(
         start_model: the ``.onnx`` model of the first alignment, whose ``.keras`` twin the first round
             starts from (default: the shipped model).
         jobs: processes for segmenting the fields.
+        forms: also this many generated form pages (:mod:`hwr_batch.synth`) of MNIST *training* digits,
+            whose fields are aligned like the real ones: the wrong cuts of MNIST-style digits.
     """
     from .align import examples_from_fields
     from .classify import SHIPPED_MODEL, load_classifier
@@ -547,20 +550,24 @@ def train_on_real(
         fields = [f for f in cached_segmentation(crops, cache, jobs=jobs) if f is not None]
         log.info("%s: %d labelled fields segmented", field_set, len(fields))
         segmented.append(fields)
+    names = [str(s) for s in real]
+    if forms:
+        segmented.append(_generated_fields(out_dir / "segmented", forms, data_dir, config.seed, jobs))
+        names.append(f"generated forms x{forms} (MNIST training digits)")
+        real = [*real, RealFieldSet(Path("generated-forms"))]
     result: TrainResult | None = None
     for round_number in range(1, rounds + 1):
         classifier = load_classifier(current)
         parts, sources = [], []
-        for field_set, fields in zip(real, segmented):
+        for field_set, fields, set_name in zip(real, segmented, names):
             examples, report = examples_from_fields(
-                fields, classifier, source=str(field_set), repeat=field_set.repeat, seed=config.seed + round_number
+                fields, classifier, source=set_name, repeat=field_set.repeat, seed=config.seed + round_number
             )
-            log.info("round %d, %s: %s", round_number, field_set, report.as_dict())
+            log.info("round %d, %s: %s", round_number, set_name, report.as_dict())
             parts.append(examples)
-            sources.append({"set": str(field_set), **report.as_dict(), "repeat": field_set.repeat})
+            sources.append({"set": set_name, **report.as_dict(), "repeat": field_set.repeat})
         extra = LabelledImages(
-            np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
-            " + ".join(str(s) for s in real),
+            np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), " + ".join(names)
         )
         target = out_dir if round_number == rounds else out_dir / f"round-{round_number}"
         sources.append({"aligned_with": str(current), "round": round_number, "of": rounds})
@@ -571,3 +578,22 @@ def train_on_real(
         current = result.onnx_path
     assert result is not None
     return result
+
+
+def _generated_fields(folder: Path, pages: int, data_dir: Path | None, seed: int, jobs: int) -> list:
+    """Labelled fields of generated form pages of MNIST training digits, cached in ``folder``."""
+    import pickle
+
+    from .labelled import generated_form_fields
+
+    cache = folder / f"generated-forms-{pages}-{seed}.pkl"
+    if cache.is_file():
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    digits = load_mnist("train", Path(data_dir) if data_dir else default_data_dir())
+    fields = generated_form_fields(digits, pages, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(cache, "wb") as f:
+        pickle.dump(fields, f, protocol=pickle.HIGHEST_PROTOCOL)
+    log.info("generated forms: %d pages, %d labelled fields", pages, len(fields))
+    return fields
