@@ -234,6 +234,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# What display_text escapes: a backslash (the escape character itself), C0 controls and DEL, C1
+# controls, the Unicode line and paragraph separators (str.splitlines() breaks lines at all of
+# these), and lone surrogates (the undecodable bytes of a file name, from os.fsdecode).
+_UNSAFE_CHARACTERS = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode: shown as that byte
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:  # an ASCII control character: one byte, shown as that byte
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def display_text(value: str) -> str:
+    """Text (a file name, a reason naming one) as every table cell, log line and message shows it.
+
+    Undecodable bytes of a file name become ``\\xNN`` (the byte), control characters (tab, CR,
+    LF, the other C0 and C1 controls, DEL, U+2028/U+2029) ``\\xNN`` or ``\\uNNNN``, and a
+    backslash ``\\\\``, as ``ls --quoting-style=escape`` shows names. The result is valid UTF-8,
+    holds no line break a reader could split at, and never shows two different names alike (a byte
+    0xE9 is ``\\xe9``, a name spelled with a backslash ``\\\\xe9``), so the tables can key rows on it.
+    """
+    return _UNSAFE_CHARACTERS.sub(_escape, value)
+
+
+def display_path(path: os.PathLike[str] | str | bytes) -> str:
+    """A path as :func:`display_text` shows it (``bytes`` are taken as the file system's raw name)."""
+    return display_text(os.fsdecode(path))
+
+
 def neutralise_cell(value: object) -> object:
     """One cell as :func:`neutralise_formulas` writes it: a string a spreadsheet would run as a
     formula gets a leading apostrophe; anything else is returned as it is."""

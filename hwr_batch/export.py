@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_output, atomic_path, neutralise_formulas
+from .atomic import atomic_output, atomic_path, display_text, neutralise_formulas
 from .errors import OutputError
 
 # Column order of each table: a stable interface for spreadsheets and scripts.
@@ -22,6 +22,9 @@ FIELD_COLUMNS = (
 )
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {"digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS}
+# Whole-number columns: kept integer (nullable Int64) whatever a table read back holds, so they never turn float.
+INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count")
+TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason")
 FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
@@ -32,13 +35,29 @@ def empty_tables() -> dict[str, pd.DataFrame]:
 
 
 def to_frame(name: str, rows: list[dict]) -> pd.DataFrame:
-    """Rows (dicts keyed by column) -> a DataFrame with the table's columns in order."""
+    """Rows (dicts keyed by column) -> a DataFrame with the table's columns in order.
+
+    This is where new rows become cells: every text value is escaped here, once, with
+    :func:`~hwr_batch.atomic.display_text` (file names that are not UTF-8 or hold control
+    characters, and the reasons that name them), so no cell of any table can break a CSV line,
+    fail to encode, or show two files alike. Rows hold the exact text (``str(path)``).
+    """
     columns = list(TABLE_COLUMNS[name])
     frame = pd.DataFrame(rows, columns=columns)
-    # The digit string is text: "007" must not become 7 in a spreadsheet.
-    for column in ("digits", "digit", "second_choice"):
-        if column in frame:
+    for column in frame.columns:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column].dtype):
+            frame[column] = frame[column].map(lambda v: display_text(v) if isinstance(v, str) else v)
+    return _typed(frame)
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as strings (the digit string "007" must not become 7), whole numbers as Int64."""
+    for column in frame.columns:
+        if column in TEXT_COLUMNS:
             frame[column] = frame[column].astype("string")
+        elif column in INTEGER_COLUMNS:  # a value that is not a whole number becomes missing
+            numbers = pd.to_numeric(frame[column], errors="coerce")
+            frame[column] = numbers.where(numbers == numbers.round()).astype("Int64")
     return frame
 
 
@@ -122,7 +141,7 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
     for name, path in paths.items():
         if not path.is_file():
             continue
-        text_columns = {c: "string" for c in ("file", "digits", "digit", "second_choice", "reason", "flag_reason")}
+        text_columns = dict.fromkeys(TEXT_COLUMNS, "string")
         try:
             if fmt == "xlsx":
                 frame = _read_sheets(path, name, text_columns)
@@ -136,8 +155,14 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
                 f"{path}: the {name} table has no column(s) {', '.join(missing)}; it was edited or damaged. "
                 "Move it aside (and use --force to rebuild it) or restore it"
             )
-        tables[name] = frame
+        for column in TEXT_COLUMNS:
+            if column in frame:  # written before cells were escaped: tab, CR, LF were kept raw
+                frame[column] = frame[column].str.replace(_RAW_CONTROLS, lambda m: display_text(m.group()), regex=True)
+        tables[name] = _typed(frame)
     return tables
+
+
+_RAW_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame:

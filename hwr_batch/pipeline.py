@@ -12,7 +12,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .annotate import annotate_files
-from .atomic import neutralise_cell, remove_stale_temp_files
+from .atomic import display_path, neutralise_cell, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError
@@ -308,7 +307,7 @@ def classify_readings(
     field_rows: list[dict] = []
     offset = 0
     for reading in readings:
-        file = file_text(reading.path)
+        file = str(reading.path)  # the exact name; to_frame escapes it (see file_text)
         for page in reading.pages:
             for number, found in enumerate(page.fields, start=1):
                 pieces = found.candidates.pieces
@@ -506,8 +505,8 @@ def _run(
             mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
     for path, _stage, reason in unreadable:
         _log_file_error(path, reason)
-    tables = _replace_rows(tables, [file_text(p) for p, _, _ in unreadable], errors=[
-        {"file": file_text(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
+    tables = _replace_rows(tables, [p for p, _, _ in unreadable], errors=[
+        {"file": str(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
     ])
     report.failed += len(unreadable)
     log.info(
@@ -567,12 +566,10 @@ def _redo_files_missing_from(tables: dict[str, pd.DataFrame], decisions: list[De
 
 
 def file_text(path: Path) -> str:
-    """A file name as the tables hold it: bytes that are not UTF-8 shown as \\xNN, and control
-    characters a spreadsheet cannot hold (all but tab, newline, carriage return) as "?"."""
-    return _CONTROL_CHARACTERS.sub("?", os.fsencode(path).decode("utf-8", "backslashreplace"))
-
-
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+    """A file name as the tables hold it (:func:`~hwr_batch.atomic.display_path`): bytes that are
+    not UTF-8 and control characters escaped, in a form that never shows two names alike, so the
+    tables key each file's rows on it."""
+    return display_path(path)
 
 
 def _log_file_error(path: Path, reason: str) -> None:
@@ -633,19 +630,19 @@ def _classify_batch(
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
     error_rows = [
-        {"file": file_text(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
+        {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
     ]
     for r in readings:
         if r.error:
             _log_file_error(r.path, r.error[1])
-    tables = _replace_rows(tables, [file_text(r.path) for r in readings], digit_rows, field_rows, error_rows)
+    tables = _replace_rows(tables, [r.path for r in readings], digit_rows, field_rows, error_rows)
     if options.annotate_dir:
         started = time.perf_counter()
         annotate_files(good, digit_rows, field_rows, options)
         report.stage_seconds["write"] += time.perf_counter() - started
     # Keep only what marking the files needs: their normalised images can be freed now.
     digits_per_file = Counter(row["file"] for row in digit_rows)
-    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[file_text(r.path)]) for r in readings)
+    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[str(r.path)]) for r in readings)
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
     return tables
@@ -689,13 +686,14 @@ def _flush(
 
 def _replace_rows(
     tables: dict[str, pd.DataFrame],
-    files: list[str],
+    files: list[Path],
     digits: list[dict] = (),
     fields: list[dict] = (),
     errors: list[dict] = (),
 ) -> dict[str, pd.DataFrame]:
     """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
-    keys = set(files) | {neutralise_cell(f) for f in files}  # tables read back hold neutralised names
+    keys = {file_text(f) for f in files}
+    keys |= {neutralise_cell(k) for k in keys}  # tables read back hold neutralised names
     new = {"digits": digits, "fields": fields, "errors": errors}
     out = {}
     for name, frame in tables.items():
