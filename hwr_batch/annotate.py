@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_output, display_path
 from .errors import HwrError
 from .load import iter_pages
 
@@ -53,6 +53,20 @@ def draw_page(gray: np.ndarray, fields: list[dict], digits: list[dict]) -> np.nd
     return canvas
 
 
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write ``image`` as a PNG file, atomically. Encoded in memory and written by Python, never by
+    ``cv2.imwrite``, which crashes on a path that is not valid UTF-8 (the name of the scan is in it).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{display_path(path)}: OpenCV could not encode the page as PNG")
+    with atomic_output(path, "wb") as f:
+        f.write(png.tobytes())
+
+
 def annotation_path(annotate_dir: Path, source: Path, page: int) -> Path:
     """``<stem>-p<page>-<hash>.png``: readable, and unique even for same-named files in different folders."""
     tag = hashlib.sha1(str(source).encode("utf-8", "surrogateescape")).hexdigest()[:8]
@@ -82,8 +96,6 @@ def annotate_files(readings: list[FileReading], digit_rows: list[dict], field_ro
             for page in iter_pages(reading.path, pdf_dpi=options.pdf_dpi, max_megapixels=options.max_megapixels):
                 key = (str(reading.path), page.index + 1)
                 image = draw_page(page.gray, by_page_fields[key], by_page_digits[key])
-                with atomic_path(annotation_path(out_dir, reading.path, page.index + 1)) as tmp:
-                    if not cv2.imwrite(str(tmp), image):
-                        raise OSError(f"cannot write {tmp}")
+                write_png(annotation_path(out_dir, reading.path, page.index + 1), image)
         except (HwrError, OSError) as e:
             log.warning("%s: no annotation written (%s)", reading.path, e)

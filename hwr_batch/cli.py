@@ -57,31 +57,50 @@ def _global_options(
     configure_logging(level, log_file=log_file, json_lines=json_logs)
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL message``, one line per event: the message is escaped as the tables escape cells
+    (:func:`~hwr_batch.atomic.display_text`), so a file name with a line break or bytes that are not
+    UTF-8 can neither forge a log line nor break the log file's encoding."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .atomic import display_text
+
+        record = logging.makeLogRecord(record.__dict__)  # other handlers get the record as it was
+        record.msg, record.args = display_text(record.getMessage()), None
+        return super().format(record)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (ISO 8601, UTC), level, logger, message."""
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message (escaped like TextFormatter's)."""
 
     def format(self, record: logging.LogRecord) -> str:
         import json
         from datetime import datetime, timezone
 
+        from .atomic import display_text
+
         entry = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": display_text(record.getMessage()),
         }
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
+        if record.exc_info:  # kept multi-line; undecodable bytes in it as \udcNN
+            entry["traceback"] = self.formatException(record.exc_info).encode("utf-8", "backslashreplace").decode()
         return json.dumps(entry, ensure_ascii=False)
 
 
 def configure_logging(level: int, *, log_file: Path | None = None, json_lines: bool = False) -> None:
     """Log to stderr (stdout is for data), and optionally to a file, under the ``hwr_batch`` logger only."""
-    formatter = JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    formatter = JsonFormatter() if json_lines else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         try:
-            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+            # backslashreplace: a traceback quoting an undecodable file name must not break the log.
+            handlers.append(logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
         except OSError as e:
             raise typer.BadParameter(f"cannot open log file {log_file}: {e.strerror}", param_hint="--log-file") from None
     for handler in handlers:

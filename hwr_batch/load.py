@@ -136,9 +136,11 @@ def count_pages(path: Path) -> int:
     """Number of pages in an image or PDF file, without decoding them (0 if it cannot be read)."""
     try:
         if open(path, "rb").read(4) == b"%PDF":
-            import pypdfium2 as pdfium
-
-            return len(pdfium.PdfDocument(str(path)))
+            document = _open_pdf(path)
+            try:
+                return len(document)
+            finally:
+                document.close()
         from PIL import Image
 
         with Image.open(path) as image:
@@ -190,11 +192,31 @@ def _to_gray(frame) -> np.ndarray:
     return np.asarray(frame.convert("L"), dtype=np.uint8).copy()
 
 
+def _open_pdf(path: Path):
+    """Open a PDF through a Python file object: given a path, pypdfium2 encodes it as UTF-8, which
+    fails for a name that is not valid UTF-8.
+
+    Raises:
+        OSError: the file cannot be opened.
+        pypdfium2.PdfiumError: PDFium cannot load it.
+    """
+    import pypdfium2 as pdfium
+
+    stream = open(path, "rb")
+    try:
+        return pdfium.PdfDocument(stream, autoclose=True)
+    except BaseException:
+        stream.close()
+        raise
+
+
 def _iter_pdf_pages(path: Path, *, dpi: int, max_megapixels: float) -> Iterator[Page]:
     import pypdfium2 as pdfium
 
     try:
-        document = pdfium.PdfDocument(str(path))
+        document = _open_pdf(path)
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot read ({e.strerror or e})") from None
     except pdfium.PdfiumError as e:
         reason = "encrypted (password protected)" if "password" in str(e).lower() else f"broken PDF ({e})"
         raise InputFileError(f"{path}: {reason}") from None

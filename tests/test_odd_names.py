@@ -4,12 +4,16 @@ print alike. Real files with such names on disk, read by the real CLI in a subpr
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from pathlib import Path
 
 import cv2
+import numpy as np
+import openpyxl
 import pandas as pd
+import pytest
 
 from conftest import digit_strip
 from hwr_batch.atomic import display_path, display_text
@@ -42,6 +46,43 @@ def test_display_text_never_shows_two_names_alike():
     for text in shown:
         assert text.isprintable() and text.encode("utf-8")  # one line, valid UTF-8
     assert display_text("a\u00e9 b.png") == "a\u00e9 b.png"  # printable text is left as it is
+
+
+def test_names_that_are_not_utf8_are_safe_in_tables_logs_and_annotations(
+    tmp_path, mnist_test_small, confident_digits, cli
+):
+    from PIL import Image
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    good = write_strip(inbox, b"caf\xe9.png", mnist_test_small, confident_digits, "427")
+    bad = write_junk(inbox, b"broken\xff\xfe.png")  # fails: its reason names the raw path
+    strip = digit_strip(mnist_test_small, [confident_digits[d][0] for d in (8, 1)])
+    pdf = os.fsencode(inbox.absolute()) + b"/scan\xe9.pdf"  # PDFs are opened by pypdfium2
+    Image.fromarray(strip).save(os.fsdecode(pdf), resolution=300, title="scan")
+    log_file = tmp_path / "nightly.log"
+    out, pages = tmp_path / "out", tmp_path / "pages"
+    for extra, code in (((), ExitCode.partial_failure), ((), ExitCode.ok), (("--retry-failed",), ExitCode.partial_failure)):
+        # a failed file once crashed every later run (writing errors.csv)
+        result = cli("--log-file", log_file, "process", inbox, "--out", out, "--annotate", pages, "-j", "1", *extra)
+        assert result.returncode == code, result.stderr
+        assert "Traceback" not in result.stderr
+    tables = read_tables(out)
+    assert dict(zip(tables["fields"]["file"], tables["fields"]["digits"])) == {good: "427", display_path(pdf): "81"}
+    assert tables["errors"]["file"].tolist() == [bad]
+    assert tables["errors"]["reason"].iloc[0].startswith(f"{bad}: not an image")
+    (out / "errors.csv").read_bytes().decode("utf-8")  # valid UTF-8
+    log = log_file.read_bytes().decode("utf-8")
+    assert "Logging error" not in log and "Traceback" not in log
+    assert f"ERROR {bad}: not an image" in log
+    assert len(list(pages.glob("*.png"))) == 2  # the PNG and the PDF page: written, no crash in OpenCV
+
+    xlsx = cli("--json-logs", "process", inbox, "--out", tmp_path / "xlsx", "--format", "xlsx", "-j", "1")
+    assert xlsx.returncode == ExitCode.partial_failure, xlsx.stderr
+    messages = [json.loads(line)["message"] for line in xlsx.stderr.splitlines()]
+    assert f"{bad}: not an image or PDF file hwr-batch can read" in messages
+    sheet = openpyxl.load_workbook(tmp_path / "xlsx" / "results.xlsx", read_only=True)["errors"]
+    assert [row[0] for row in sheet.iter_rows(min_row=2, values_only=True)] == [bad]
 
 
 def test_control_characters_in_names_cannot_split_rows_or_inject_formulas(
@@ -100,3 +141,15 @@ def test_names_that_print_alike_keep_their_own_rows(tmp_path, mnist_test_small, 
     tables = read_tables(out)
     assert dict(zip(tables["fields"]["file"], tables["fields"]["digits"])) == truth
     assert tables["digits"].groupby("file").size().to_dict() == {f: len(d) for f, d in truth.items()}
+
+
+@pytest.mark.parametrize("name", [b"page\xe9.png", b"page\r\n.png"])
+def test_annotations_are_drawn_for_odd_names(tmp_path, mnist_test_small, confident_digits, cli, name):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_strip(inbox, name, mnist_test_small, confident_digits, "5")
+    result = cli("process", inbox, "--out", tmp_path / "out", "--annotate", tmp_path / "pages", "-j", "1")
+    assert result.returncode == 0, result.stderr
+    (page,) = tmp_path.joinpath("pages").iterdir()
+    drawn = cv2.imdecode(np.fromfile(page, np.uint8), cv2.IMREAD_COLOR)
+    assert (drawn[..., 1] > drawn[..., 2] + 60).any()  # the green box of the field read was drawn
