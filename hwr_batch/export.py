@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,6 +13,8 @@ import pandas as pd
 
 from .atomic import atomic_output, atomic_path, display_text, neutralise_formulas
 from .errors import OutputError
+
+log = logging.getLogger(__name__)
 
 # Column order of each table: a stable interface for spreadsheets and scripts.
 DIGIT_COLUMNS = (
@@ -133,6 +138,10 @@ def _without_control_characters(frame: pd.DataFrame) -> pd.DataFrame:
 def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
     """Read back tables written by :func:`write_tables` (empty tables where none exist yet).
 
+    Rows that cannot be whole (a CSV file cut short, as by a partial restore, ends inside its last
+    row; a row missing its file or a whole-number value) are dropped with a warning: the run then
+    finds their files' rows short of what the state database records, and reads them again.
+
     Raises:
         OutputError: a table exists but cannot be read, or lacks its columns; names the file.
     """
@@ -147,8 +156,14 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
                 frame = _read_sheets(path, name, text_columns)
             else:
                 frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
-        except (OSError, ValueError, KeyError) as e:
-            raise OutputError(f"{path}: cannot read the results table back ({e}); move it aside to start a new one") from None
+                if len(frame) and not _ends_with_newline(path):  # cut inside its last row
+                    log.warning("%s: the table ends inside a row (cut short?); its last row is dropped", path)
+                    frame = frame.iloc[:-1]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise OutputError(
+                f"{path}: cannot read the results table back ({type(e).__name__}: {e}); restore it from a backup, "
+                "or move it aside: the next run then reads again every file whose rows it held"
+            ) from None
         missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
         if missing:
             raise OutputError(
@@ -158,8 +173,32 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         for column in TEXT_COLUMNS:
             if column in frame:  # written before cells were escaped: tab, CR, LF were kept raw
                 frame[column] = frame[column].str.replace(_RAW_CONTROLS, lambda m: display_text(m.group()), regex=True)
-        tables[name] = _typed(frame)
+        frame = _typed(frame)
+        whole = frame["file"].notna() & (frame["file"] != "")
+        for column in REQUIRED_INTEGERS[name]:
+            whole &= frame[column].notna()
+        if not whole.all():
+            log.warning("%s: %d damaged row(s) of the %s table dropped; their files are read again", path, (~whole).sum(), name)
+            frame = frame[whole].reset_index(drop=True)
+        tables[name] = frame
     return tables
+
+
+# Whole-number columns every row of a table has.
+REQUIRED_INTEGERS = {
+    "digits": [c for c in DIGIT_COLUMNS if c in INTEGER_COLUMNS],
+    "fields": [c for c in FIELD_COLUMNS if c in INTEGER_COLUMNS],
+    "errors": [],  # page is empty when the whole file failed
+}
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 _RAW_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

@@ -37,7 +37,10 @@ from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
 from .segment import FieldCandidates, read_field, segment_field_candidates
-from .state import Decision, StateDB, begin_run, finish_run, mark_done, mark_failed, open_state, plan, stale_files
+from .state import (
+    Decision, StateDB, UnstableFileError, begin_run, finish_run, mark_done, mark_failed, open_state, plan, stale_files,
+    with_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +497,7 @@ def _run(
         tables = empty_tables()
     else:  # cumulative: every file's latest rows, carried over from earlier runs
         tables = read_tables(options.out_dir, options.fmt)
-        decisions = _redo_files_missing_from(tables, decisions)
+        decisions = _redo_files_whose_rows_do_not_match(tables, decisions)
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
     # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
@@ -545,24 +548,51 @@ def _run(
     report.stale = len(stale_files(db, classifier.sha256))
 
 
-def _redo_files_missing_from(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
-    """Files the state records as done, with digits, whose rows are not in the tables read back
-    (the tables were deleted, or written in the other format): process them again, so the
-    cumulative tables never silently lose a file."""
-    present = set(tables["digits"]["file"])
+def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
+    """Files the state records as read whose rows in the tables read back are not what it recorded
+    (the tables were deleted, written in the other format, cut short by a partial restore, or
+    edited): process them again, so the cumulative tables never silently lose or keep wrong rows.
+
+    A done file must have as many digit rows as the digits recorded, and field rows whose digit
+    counts add up to as many; a failed file (not retried) must have its row in the errors table.
+    """
+    digit_rows = tables["digits"]["file"].value_counts().to_dict()
+    field_digits = tables["fields"].groupby("file")["digit_count"].sum().to_dict()
+    error_files = set(tables["errors"]["file"])
     redone = []
     for d in decisions:
         previous = d.previous
-        if (
-            not d.process and d.kind == "done" and previous is not None and previous.digits
-            and not ({file_text(d.path), neutralise_cell(file_text(d.path))} & present)
-        ):
-            fingerprint = d.fingerprint
-            if fingerprint is not None and fingerprint.sha256 is None:  # unchanged since it was hashed
-                fingerprint = replace(fingerprint, sha256=previous.sha256)
-            d = replace(d, process=True, fingerprint=fingerprint)
+        if not d.process and previous is not None and d.kind in ("done", "stale-model", "failed"):
+            keys = {file_text(d.path), neutralise_cell(file_text(d.path))}
+            if previous.status == "done":
+                recorded = previous.digits or 0
+                matches = recorded == sum(digit_rows.get(k, 0) for k in keys) == sum(field_digits.get(k, 0) for k in keys)
+            else:
+                matches = bool(keys & error_files)
+            if not matches:
+                d = _redo(d)
         redone.append(d)
+    count = sum(1 for old, new in zip(decisions, redone) if new.process and not old.process)
+    if count:
+        log.warning(
+            "%d file(s) read again: their rows in the output tables are not what the state database records "
+            "(tables deleted, cut short, or edited)", count,
+        )
     return redone
+
+
+def _redo(decision: Decision) -> Decision:
+    """``decision`` turned into "process it", with the content hash marking the file needs."""
+    fingerprint, previous = decision.fingerprint, decision.previous
+    if fingerprint is not None and fingerprint.sha256 is None:
+        if previous is not None and previous.sha256 is not None:  # unchanged since it was hashed
+            fingerprint = replace(fingerprint, sha256=previous.sha256)
+        else:  # it could not be read last time: hash it now
+            try:
+                fingerprint = with_sha256(decision.path, fingerprint)
+            except (OSError, UnstableFileError):
+                return decision
+    return replace(decision, process=True, fingerprint=fingerprint)
 
 
 def file_text(path: Path) -> str:

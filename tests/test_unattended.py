@@ -327,6 +327,47 @@ def test_tables_deleted_or_format_switched_are_rebuilt(tmp_path, mnist_test_smal
     assert dict(zip(*read_tables(out, "xlsx")["fields"][["file", "digits"]].T.values)) == truth
 
 
+def test_tables_cut_short_are_detected_and_their_files_read_again(tmp_path, scans, reference, cli):
+    """A partial restore: each table cut, one inside a row (a junk row), one at a row's end."""
+    folder, _ = scans
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    digits = (out / "digits.csv").read_bytes()
+    (out / "digits.csv").write_bytes(digits[: len(digits) // 2])  # ends inside a row
+    fields = (out / "fields.csv").read_bytes().splitlines(keepends=True)
+    (out / "fields.csv").write_bytes(b"".join(fields[:-3]))  # the last three rows lost, at a line end
+    result = cli("process", folder, "--out", out, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "read again: their rows in the output tables are not what the state database records" in result.stderr
+    assert "0 to process" not in result.stderr
+    assert canonical(read_tables(out)) == canonical(reference)  # nothing lost, no junk row kept
+    again = cli("process", folder, "--out", out, "--jobs", "1")
+    assert "0 to process, 12 already done" in again.stderr, again.stderr
+
+
+def test_a_failed_files_lost_error_row_comes_back(tmp_path, cli):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "junk.png").write_text("not an image\n")
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out).returncode == ExitCode.partial_failure
+    (out / "errors.csv").write_text("file,page,stage,reason\n")  # restored from before the failure
+    result = cli("process", folder, "--out", out)
+    assert result.returncode == ExitCode.partial_failure, result.stderr
+    assert read_tables(out)["errors"]["file"].tolist() == [str((folder / "junk.png").absolute())]
+
+
+def test_an_unreadable_workbook_is_an_output_error_with_advice(tmp_path, scans, cli):
+    folder, _ = scans
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.xlsx").write_bytes(b"PK\x03\x04" + bytes(300))  # a workbook cut short
+    result = cli("process", folder, "--out", out, "--format", "xlsx")
+    assert result.returncode == ExitCode.output, result.stderr
+    assert "results.xlsx: cannot read the results table back" in result.stderr and "move it aside" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, mnist_test_small, confident_digits, cli):
     folder = tmp_path / "scans"
     truth = write_scans(folder, mnist_test_small, confident_digits, 2, seed=9)
