@@ -30,7 +30,7 @@ from .annotate import annotate_files
 from .atomic import display_path, neutralise_cell, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
-from .errors import ExitCode, HwrError
+from .errors import ExitCode, HwrError, InputFileError
 from .export import empty_tables, read_tables, to_frame, write_tables
 from .layout import Field, Layout, analyse_page
 from .load import find_inputs, iter_pages
@@ -444,6 +444,7 @@ def run_batch(
     options = options.validated()
     started = time.perf_counter()
     report = BatchReport()
+    check_inputs_exist(options.inputs)
     classifier = load_classifier(options.model)
     # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
     own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
@@ -467,6 +468,20 @@ def run_batch(
         report.seconds = time.perf_counter() - started
         finish_run(db, run_id, exit_status=int(report.exit_code), planned=report.files_found, skipped=report.skipped)
     return report
+
+
+def check_inputs_exist(inputs: Iterable[Path]) -> None:
+    """Refuse to start when a named input is missing: an unmounted share must not look like a quiet night.
+
+    Raises:
+        InputFileError: naming every missing input (exit code 3); nothing has been read or written.
+    """
+    missing = [os.path.abspath(p) for p in inputs if not os.path.lexists(p)]
+    if missing:
+        raise InputFileError(
+            f"input not found: {', '.join(missing)} (an unmounted share or a typo in the config?); "
+            "nothing was read or written"
+        )
 
 
 def _run(
@@ -500,7 +515,7 @@ def _run(
         decisions = _redo_files_whose_rows_do_not_match(tables, decisions)
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
-    # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
+    # Folders that cannot be listed, and files that cannot even be stat-ed, are errors of this run.
     unreadable = [(Path(os.path.abspath(path)), "find", reason) for path, reason in problems]
     for d in decisions:
         if d.kind == "unreadable":

@@ -399,6 +399,21 @@ def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli)
     assert "nightly.toml: setting 'inputs' must be a list of paths" in bad.stderr
 
 
+def test_a_missing_input_root_is_an_input_error_before_any_work(tmp_path, scans, cli):
+    folder, _ = scans
+    out = tmp_path / "out"
+    unmounted = tmp_path / "share" / "incoming"
+    result = cli("process", folder, unmounted, "--out", out)
+    assert result.returncode == ExitCode.input_file, result.stderr
+    assert f"input not found: {unmounted}" in result.stderr
+    assert not out.exists()  # no empty tables, no state: nothing that looks like a quiet night
+    config = tmp_path / "nightly.toml"
+    config.write_text(f'[process]\ninputs = ["{folder}", "share/incoming"]\nout = "out"\n')
+    from_config = cli("process", "--config", config)
+    assert from_config.returncode == ExitCode.input_file, from_config.stderr
+    assert f"input not found: {unmounted}" in from_config.stderr and not out.exists()
+
+
 def _processes_reading(path: Path) -> list[int]:
     """Pids of the processes that have ``path`` open (from /proc)."""
     pids = []
