@@ -504,13 +504,23 @@ def main() -> None:
         e.show()
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        print("hwr-batch: interrupted", file=sys.stderr)
+        _report_fatal(logging.WARNING, "hwr-batch: interrupted")
         code = ExitCode.ctrl_c
     except HwrError as e:
-        print(f"hwr-batch: error: {e}", file=sys.stderr)
+        _report_fatal(logging.ERROR, f"hwr-batch: error: {e}")
         log.debug("traceback", exc_info=True)
         code = e.exit_code
     except Exception:
         log.exception("hwr-batch: unexpected error (please report it with this traceback)")
         code = ExitCode.other_error
     sys.exit(int(code))
+
+
+def _report_fatal(level: int, message: str) -> None:
+    """The reason a run stops, where its log goes (--log-file, --json-logs); on stderr if logging is not set up yet."""
+    if log.handlers:
+        log.log(level, "%s", message)
+    else:
+        from .atomic import display_text
+
+        print(display_text(message), file=sys.stderr)
