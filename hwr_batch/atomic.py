@@ -186,6 +186,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if need be and write a page-sized temporary file in it (then remove it),
+    so that a folder the outputs cannot go to fails now, with the system's reason (read-only file
+    system, permission denied, no space left), rather than after the work.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = temp_path_for(directory / ".write-check")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if os.write(fd, bytes(4096)) < 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        _discard(probe)
+
+
 def remove_stale_temp_files(directory: Path) -> list[Path]:
     """Delete temporary files that writers in dead processes left in ``directory`` (not recursive).
 

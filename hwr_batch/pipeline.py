@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from .annotate import annotate_files
-from .atomic import display_path, neutralise_cell, remove_stale_temp_files
+from .atomic import check_writable, display_path, neutralise_cell, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
-from .errors import ExitCode, HwrError, InputFileError
+from .errors import ExitCode, HwrError, InputFileError, OutputError
 from .export import empty_tables, read_tables, to_frame, write_tables
 from .layout import Field, Layout, analyse_page
 from .load import find_inputs, iter_pages
@@ -446,6 +446,7 @@ def run_batch(
     report = BatchReport()
     check_inputs_exist(options.inputs)
     classifier = load_classifier(options.model)
+    check_outputs_writable(options)
     # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
     own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
     files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
@@ -463,7 +464,10 @@ def run_batch(
             _run(files, problems, options, classifier, db, report, should_stop, progress)
         except BaseException as error:
             code = ExitCode.ctrl_c if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", ExitCode.other_error)
-            finish_run(db, run_id, exit_status=int(code))
+            try:
+                finish_run(db, run_id, exit_status=int(code))
+            except HwrError as also:  # e.g. a full disk: the state fails too; report what failed first
+                log.error("%s", also)
             raise
         report.seconds = time.perf_counter() - started
         finish_run(db, run_id, exit_status=int(report.exit_code), planned=report.files_found, skipped=report.skipped)
@@ -482,6 +486,23 @@ def check_inputs_exist(inputs: Iterable[Path]) -> None:
             f"input not found: {', '.join(missing)} (an unmounted share or a typo in the config?); "
             "nothing was read or written"
         )
+
+
+def check_outputs_writable(options: Options) -> None:
+    """Create the output (and annotation) folder and write a test file in each, before any work.
+
+    Raises:
+        OutputError: naming the folder and the system's reason (exit code 5): read-only, no
+            permission, or no space left. (Without this check, the lock and state files in
+            ``OUT/.hwr-batch`` failed first and reported the state database, exit code 6.)
+    """
+    for what, directory in (("output", options.out_dir), ("annotation", options.annotate_dir)):
+        if directory is None:
+            continue
+        try:
+            check_writable(directory)
+        except OSError as e:
+            raise OutputError(f"{directory}: cannot write to the {what} folder ({e.strerror or e}); nothing was read") from None
 
 
 def _run(
@@ -554,7 +575,10 @@ def _run(
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
         # the next run need not redo it. (A failed write is not tried again: _flush takes the files first.)
         if unwritten.files:
-            _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+            try:
+                _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+            except HwrError as also:  # the first failure is the one to report
+                log.error("%s", also)
         raise
     if unwritten.files:
         _flush(tables, unwritten, todo, db, classifier, options, report, progress)

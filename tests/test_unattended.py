@@ -414,6 +414,65 @@ def test_a_missing_input_root_is_an_input_error_before_any_work(tmp_path, scans,
     assert f"input not found: {unmounted}" in from_config.stderr and not out.exists()
 
 
+def test_a_read_only_output_folder_is_an_output_error(tmp_path, scans, cli, tmpfs):
+    folder, _ = scans
+    read_only = tmpfs(tmp_path / "backup", read_only=True)
+    for out in (read_only, read_only / "results"):
+        result = cli("process", folder, "--out", out)
+        assert result.returncode == ExitCode.output, result.stderr  # was 6: the lock file failed first
+        assert f"{out}: cannot write to the output folder (Read-only file system)" in result.stderr
+
+
+def test_a_full_disk_is_an_output_error_and_keeps_the_tables(tmp_path, scans, cli, tmpfs):
+    folder, _ = scans
+    disk = tmpfs(tmp_path / "disk", size="1m")
+    out = disk / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    before = canonical(read_tables(out))
+    with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:
+            pass
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(folder / "scan_000.png", extra / "new.png")
+    result = cli("process", folder, extra, "--out", out, "--jobs", "1")
+    assert result.returncode == ExitCode.output, result.stderr  # was 6: the state database failed first
+    assert f"{out}: cannot write to the output folder (No space left on device)" in result.stderr
+    assert canonical(read_tables(out)) == before
+
+
+def test_an_unwritable_annotation_folder_is_an_output_error(tmp_path, scans, cli, tmpfs):
+    folder, _ = scans
+    pages = tmpfs(tmp_path / "pages", read_only=True)
+    out = tmp_path / "out"
+    result = cli("process", folder, "--out", out, "--annotate", pages / "today")
+    assert result.returncode == ExitCode.output, result.stderr  # was 0, with a warning
+    assert "cannot write to the annotation folder (Read-only file system)" in result.stderr
+    assert files_done(out) == 0
+
+
+def test_files_are_never_marked_done_without_their_annotations(tmp_path, scans, cli, tmpfs):
+    from hwr_batch.annotate import annotation_path
+
+    folder, truth = scans
+    pages = tmpfs(tmp_path / "pages", size="24k")  # room for a few annotations, not for twelve
+    out = tmp_path / "out"
+    result = cli("process", folder, "--out", out, "--annotate", pages, "--jobs", "1", "--batch-digits", "8")
+    assert result.returncode == ExitCode.output, result.stderr
+    assert "cannot write the annotation (No space left on device)" in result.stderr
+    database = sqlite3.connect(out / ".hwr-batch" / "state.sqlite3")
+    try:
+        done = [Path(row[0]) for row in database.execute("SELECT path FROM files WHERE status = 'done'")]
+    finally:
+        database.close()
+    assert 0 < len(done) < len(truth)
+    for path in done:
+        assert annotation_path(pages, path, 1).is_file(), path
+
+
 def _processes_reading(path: Path) -> list[int]:
     """Pids of the processes that have ``path`` open (from /proc)."""
     pids = []
