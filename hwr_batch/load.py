@@ -80,7 +80,7 @@ def find_inputs(
 
     for root in map(Path, paths):
         if root.is_dir():
-            def on_error(error: OSError) -> None:
+            def on_error(error: OSError, root: Path = root) -> None:
                 problems.append((Path(error.filename or root), f"cannot list folder: {error.strerror}"))
 
             for folder, dirnames, filenames in os.walk(root, onerror=on_error):
@@ -158,7 +158,7 @@ def count_pages(path: Path) -> int:
 
         with Image.open(path) as image:
             return getattr(image, "n_frames", 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: cannot tell
         return 0
 
 
@@ -246,7 +246,7 @@ def _open_pdf(path: Path):
     """
     import pypdfium2 as pdfium
 
-    stream = open(path, "rb")
+    stream = open(path, "rb")  # noqa: SIM115 - the document owns it (autoclose), or it is closed below
     try:
         return pdfium.PdfDocument(stream, autoclose=True)
     except BaseException:

@@ -14,10 +14,10 @@ import multiprocessing
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -38,7 +38,16 @@ from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
 from .segment import FieldCandidates, read_field, segment_field_candidates
 from .state import (
-    Decision, StateDB, UnstableFileError, begin_run, finish_run, mark_done, mark_failed, open_state, plan, stale_files,
+    Decision,
+    StateDB,
+    UnstableFileError,
+    begin_run,
+    finish_run,
+    mark_done,
+    mark_failed,
+    open_state,
+    plan,
+    stale_files,
     with_sha256,
 )
 
@@ -157,7 +166,7 @@ def _read_page(
         first = len(images)
         images.extend(to_mnist(piece.ink) for piece in candidates.pieces)
         seconds["normalise"] += time.perf_counter() - started
-        x, y, w, h = found.bbox
+        x, y, _w, _h = found.bbox
         inner_x, inner_y, _, _ = found.inner
         # The field image is the box plus a margin; its interior starts at `inner` within it.
         origin = (x - inner_x, y - inner_y)

@@ -81,6 +81,7 @@ def cli():
     def run(*args: str | os.PathLike, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
         return subprocess.run(
             [sys.executable, "-m", "hwr_batch", *map(str, args)],
+            check=False,  # the tests look at the exit code
             cwd=cwd,
             env={**os.environ, **(env or {})},
             capture_output=True,
@@ -148,7 +149,7 @@ def tmpfs(tmp_path):
         options = f"size={size}" + (",ro" if read_only else "")
         if os.geteuid() != 0:
             pytest.skip("mounting a tmpfs needs root")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=False, capture_output=True, text=True)
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
         mounted.append(folder)

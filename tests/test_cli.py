@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import fixture_idx
+
 from hwr_batch.errors import ExitCode
 
 

@@ -69,9 +69,9 @@ def test_hostile_files_get_clear_reasons_and_good_ones_are_read(tmp_path, mnist_
     import struct
 
     import numpy as np
+    from conftest import digit_strip
     from PIL import Image
 
-    from conftest import digit_strip
     from hwr_batch.errors import ExitCode
     from hwr_batch.export import read_tables
 

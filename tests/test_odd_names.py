@@ -14,8 +14,8 @@ import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
-
 from conftest import digit_strip
+
 from hwr_batch.atomic import display_path, display_text
 from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables

@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import digit_strip
+
 from hwr_batch.atomic import display_path
 from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables
@@ -62,15 +62,15 @@ def scans(tmp_path_factory, mnist_test_small, confident_digits):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, scans):
     """The outputs of one uninterrupted run over `scans`."""
-    folder, truth = scans
+    folder, _truth = scans
     out = tmp_path_factory.mktemp("reference")
-    result = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return read_tables(out)
 
 
 def test_uninterrupted_run_reads_every_scan(scans, reference):
-    folder, truth = scans
+    _folder, truth = scans
     read = dict(zip(reference["fields"]["file"], reference["fields"]["digits"]))
     assert read == truth
     assert len(reference["digits"]) == sum(map(len, truth.values()))
@@ -78,7 +78,7 @@ def test_uninterrupted_run_reads_every_scan(scans, reference):
 
 
 def test_rerun_with_nothing_new_reprocesses_nothing(tmp_path, scans, cli):
-    folder, truth = scans
+    folder, _truth = scans
     out = tmp_path / "out"
     first = cli("process", folder, "--out", out, "--jobs", "1")
     assert first.returncode == 0, first.stderr
@@ -120,7 +120,7 @@ def test_second_run_exits_at_once_with_the_lock_code(tmp_path, mnist_test_small,
     # Pause the first run while it holds the lock, so that it cannot finish before the second starts.
     first.send_signal(signal.SIGSTOP)
     try:
-        second = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=120)
+        second = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=120)
     finally:
         first.send_signal(signal.SIGCONT)
     first_stderr = first.communicate(timeout=300)[1]
@@ -196,7 +196,7 @@ def test_sigkill_at_several_points_loses_and_duplicates_nothing(tmp_path, scans,
     marked = files_done(out)
     assert check_partial_outputs(out, reference) >= marked  # a file is marked done only once its rows are on disk
     assert marked < 12
-    rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{12 - marked} to process" in rerun.stderr
     assert canonical(read_tables(out)) == canonical(reference)
@@ -221,7 +221,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path, mnist_test_sm
     partial = fields_by_file(out)
     assert 0 < len(partial) < 40
     assert partial == {path: truth[path] for path in partial}  # what was written is complete and right
-    rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{40 - len(partial)} to process" in rerun.stderr
     assert fields_by_file(out) == truth
@@ -244,8 +244,8 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     add("corrupt.jpg", "truncated or corrupt").write_bytes(jpeg[:300] + bytes(200) + b"\xff\xd9")
     add("notes.png", "not an image or PDF").write_text("this is a text file with an image suffix\n")
     add("broken.pdf", "broken PDF").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n%%EOF\n")
-    from pypdf import PdfWriter
     from PIL import Image
+    from pypdf import PdfWriter
 
     locked = PdfWriter()
     locked.add_blank_page(595, 842)
