@@ -290,6 +290,26 @@ def display_path(path: os.PathLike[str] | str | bytes) -> str:
     return display_text(os.fsdecode(path))
 
 
+_DISPLAY_ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|(\\))")
+
+
+def parse_display_text(text: str) -> str:
+    """The text :func:`display_text` showed as ``text`` (a file name from a table cell, as
+    ``os.fsdecode`` would give it: undecodable bytes as lone surrogates). A backslash that starts
+    no escape (a cell edited by hand) is kept as it is."""
+
+    def unescape(match: re.Match[str]) -> str:
+        byte, char, _ = match.groups()
+        if byte is not None:
+            code = int(byte, 16)
+            return chr(code) if code < 0x80 else chr(0xDC00 + code)  # a control character, or a raw byte
+        if char is not None:
+            return chr(int(char, 16))
+        return "\\"
+
+    return _DISPLAY_ESCAPE.sub(unescape, text)
+
+
 def neutralise_cell(value: object) -> object:
     """One cell as :func:`neutralise_formulas` writes it: a string a spreadsheet would run as a
     formula gets a leading apostrophe; anything else is returned as it is."""

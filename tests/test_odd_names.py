@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from conftest import digit_strip
 
-from hwr_batch.atomic import display_path, display_text
+from hwr_batch.atomic import display_path, display_text, parse_display_text
 from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables
 
@@ -46,6 +46,7 @@ def test_display_text_never_shows_two_names_alike():
     for text in shown:
         assert text.isprintable() and text.encode("utf-8")  # one line, valid UTF-8
     assert display_text("a\u00e9 b.png") == "a\u00e9 b.png"  # printable text is left as it is
+    assert [os.fsencode(parse_display_text(text)) for text in shown] == names  # and it can be undone exactly
 
 
 def test_names_that_are_not_utf8_are_safe_in_tables_logs_and_annotations(
@@ -153,3 +154,19 @@ def test_annotations_are_drawn_for_odd_names(tmp_path, mnist_test_small, confide
     (page,) = tmp_path.joinpath("pages").iterdir()
     drawn = cv2.imdecode(np.fromfile(page, np.uint8), cv2.IMREAD_COLOR)
     assert (drawn[..., 1] > drawn[..., 2] + 60).any()  # the green box of the field read was drawn
+
+
+def test_corrections_copied_from_fields_csv_name_the_exact_files(tmp_path, mnist_test_small, confident_digits, cli):
+    """`hwr-batch learn` reads a copy of fields.csv: its escaped names must lead back to the scans."""
+    from hwr_batch.learn import read_corrections
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in (b"back\\slash.png", b"caf\xe9.png", b"tab\t.png"):
+        write_strip(inbox, name, mnist_test_small, confident_digits, "38")
+    assert cli("process", inbox, "--out", tmp_path / "out", "-j", "1").returncode == 0
+    corrections = read_corrections(tmp_path / "out" / "fields.csv")
+    assert sorted(os.fsencode(c.file) for c in corrections) == sorted(
+        os.fsencode(inbox.absolute()) + b"/" + n for n in (b"back\\slash.png", b"caf\xe9.png", b"tab\t.png")
+    )
+    assert all(c.file.is_file() for c in corrections)
