@@ -140,7 +140,8 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
 
     Rows that cannot be whole (a CSV file cut short, as by a partial restore, ends inside its last
     row; a row missing its file or a whole-number value) are dropped with a warning: the run then
-    finds their files' rows short of what the state database records, and reads them again.
+    finds their files' rows short of what the state database records, and reads them again. Where a
+    CSV file was cut, ``frame.attrs[CUT_SHORT_AT]`` says from which file on rows may be missing.
 
     Raises:
         OutputError: a table exists but cannot be read, or lacks its columns; names the file.
@@ -151,6 +152,7 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         if not path.is_file():
             continue
         text_columns = dict.fromkeys(TEXT_COLUMNS, "string")
+        cut_at = None
         try:
             if fmt == "xlsx":
                 frame = _read_sheets(path, name, text_columns)
@@ -159,6 +161,9 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
                 if len(frame) and not _ends_with_newline(path):  # cut inside its last row
                     log.warning("%s: the table ends inside a row (cut short?); its last row is dropped", path)
                     frame = frame.iloc[:-1]
+                    # Rows are sorted by file: those before the last whole row's file are whole.
+                    last = frame["file"].iloc[-1] if len(frame) else None
+                    cut_at = "" if last is None or pd.isna(last) else str(last)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise OutputError(
                 f"{path}: cannot read the results table back ({type(e).__name__}: {e}); restore it from a backup, "
@@ -180,8 +185,14 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         if not whole.all():
             log.warning("%s: %d damaged row(s) of the %s table dropped; their files are read again", path, (~whole).sum(), name)
             frame = frame[whole].reset_index(drop=True)
+        frame.attrs[CUT_SHORT_AT] = cut_at
         tables[name] = frame
     return tables
+
+
+# frame.attrs key: for a table cut inside a row, the file of the last whole row before the cut (tables are
+# written sorted by file, so every file from that one on may have lost rows); None if the table is whole.
+CUT_SHORT_AT = "cut_short_at"
 
 
 # Whole-number columns every row of a table has.

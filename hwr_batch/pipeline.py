@@ -31,7 +31,7 @@ from .atomic import check_writable, display_path, neutralise_cell, remove_stale_
 from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
-from .export import empty_tables, read_tables, to_frame, write_tables
+from .export import CUT_SHORT_AT, empty_tables, read_tables, to_frame, write_tables
 from .layout import Field, Layout, analyse_page
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
@@ -607,6 +607,10 @@ def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisio
     digit_rows = tables["digits"]["file"].value_counts().to_dict()
     field_digits = tables["fields"].groupby("file")["digit_count"].sum().to_dict()
     error_files = set(tables["errors"]["file"])
+    # A table cut inside a row lost every row from that row's file on (tables are sorted by file),
+    # even rows the counts cannot miss, such as the fields of a file that had no digits.
+    cuts = [frame.attrs.get(CUT_SHORT_AT) for frame in tables.values()]
+    cut = min((c for c in cuts if c is not None), default=None)
     redone = []
     for d in decisions:
         previous = d.previous
@@ -617,7 +621,7 @@ def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisio
                 matches = recorded == sum(digit_rows.get(k, 0) for k in keys) == sum(field_digits.get(k, 0) for k in keys)
             else:
                 matches = bool(keys & error_files)
-            if not matches:
+            if not matches or (cut is not None and max(keys) >= cut):
                 d = _redo(d)
         redone.append(d)
     count = sum(1 for old, new in zip(decisions, redone) if new.process and not old.process)

@@ -345,6 +345,25 @@ def test_tables_cut_short_are_detected_and_their_files_read_again(tmp_path, scan
     assert "0 to process, 12 already done" in again.stderr, again.stderr
 
 
+def test_a_table_cut_inside_a_row_redoes_every_file_after_the_cut(tmp_path, mnist_test_small, confident_digits, cli):
+    """Fields without digits: no count can miss their rows, but the cut says where rows were lost."""
+    folder = tmp_path / "scans"
+    write_scans(folder, mnist_test_small, confident_digits, 3, seed=13)
+    for name in ("z_blank_1.png", "z_blank_2.png"):  # sorted last: one field each, no digit ("no digits found")
+        cv2.imwrite(str(folder / name), np.full((60, 200), 235, np.uint8))
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    whole = read_tables(out)
+    assert whole["fields"]["file"].str.contains("z_blank").sum() == 2
+    data = (out / "fields.csv").read_bytes()
+    last_two = data.rstrip(b"\n").rsplit(b"\n", 2)
+    (out / "fields.csv").write_bytes(last_two[0] + b"\n" + last_two[1][:20])  # cut inside the first blank's row
+    result = cli("process", folder, "--out", out, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "3 to process" in result.stderr, result.stderr  # the blanks, and the last whole row's file
+    assert canonical(read_tables(out)) == canonical(whole)
+
+
 def test_a_failed_files_lost_error_row_comes_back(tmp_path, cli):
     folder = tmp_path / "scans"
     folder.mkdir()
