@@ -609,8 +609,10 @@ def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisio
     error_files = set(tables["errors"]["file"])
     # A table cut inside a row lost every row from that row's file on (tables are sorted by file),
     # even rows the counts cannot miss, such as the fields of a file that had no digits.
-    cuts = [frame.attrs.get(CUT_SHORT_AT) for frame in tables.values()]
-    cut = min((c for c in cuts if c is not None), default=None)
+    def cut(*names: str) -> str | None:
+        return min((c for n in names if (c := tables[n].attrs.get(CUT_SHORT_AT)) is not None), default=None)
+
+    cut_done, cut_failed = cut("digits", "fields"), cut("errors")  # done files have rows in those, failed ones here
     redone = []
     for d in decisions:
         previous = d.previous
@@ -619,9 +621,11 @@ def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisio
             if previous.status == "done":
                 recorded = previous.digits or 0
                 matches = recorded == sum(digit_rows.get(k, 0) for k in keys) == sum(field_digits.get(k, 0) for k in keys)
+                cut_at = cut_done
             else:
                 matches = bool(keys & error_files)
-            if not matches or (cut is not None and max(keys) >= cut):
+                cut_at = cut_failed
+            if not matches or (cut_at is not None and max(keys) >= cut_at):
                 d = _redo(d)
         redone.append(d)
     count = sum(1 for old, new in zip(decisions, redone) if new.process and not old.process)
