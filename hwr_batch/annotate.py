@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import HwrError
+from .atomic import atomic_output
+from .errors import InputFileError, OutputError
 from .load import iter_pages
 
 if TYPE_CHECKING:
@@ -53,6 +53,20 @@ def draw_page(gray: np.ndarray, fields: list[dict], digits: list[dict]) -> np.nd
     return canvas
 
 
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write ``image`` as a PNG file, atomically. Encoded in memory and written by Python, never by
+    ``cv2.imwrite``, which crashes on a path that is not valid UTF-8 (the name of the scan is in it).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode the page as PNG")
+    with atomic_output(path, "wb") as f:
+        f.write(png.tobytes())
+
+
 def annotation_path(annotate_dir: Path, source: Path, page: int) -> Path:
     """``<stem>-p<page>-<hash>.png``: readable, and unique even for same-named files in different folders."""
     tag = hashlib.sha1(str(source).encode("utf-8", "surrogateescape")).hexdigest()[:8]
@@ -63,7 +77,11 @@ def annotate_files(readings: list[FileReading], digit_rows: list[dict], field_ro
     """Write an annotated PNG of every page of ``readings`` into ``options.annotate_dir``.
 
     Pages are decoded again here (only when annotations are asked for), so workers never ship
-    page images back. A failure to annotate is logged and does not fail the file.
+    page images back. A page that can no longer be decoded is logged and skipped.
+
+    Raises:
+        OutputError: an annotation cannot be written (the run stops: files are never marked done
+            without their annotations).
     """
     by_page_fields: dict[tuple[str, int], list[dict]] = defaultdict(list)
     by_page_digits: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -75,15 +93,16 @@ def annotate_files(readings: list[FileReading], digit_rows: list[dict], field_ro
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        log.warning("%s: cannot create the annotation folder (%s); no annotations written", out_dir, e.strerror or e)
-        return
+        raise OutputError(f"{out_dir}: cannot create the annotation folder ({e.strerror or e})") from None
     for reading in readings:
         try:
             for page in iter_pages(reading.path, pdf_dpi=options.pdf_dpi, max_megapixels=options.max_megapixels):
                 key = (str(reading.path), page.index + 1)
                 image = draw_page(page.gray, by_page_fields[key], by_page_digits[key])
-                with atomic_path(annotation_path(out_dir, reading.path, page.index + 1)) as tmp:
-                    if not cv2.imwrite(str(tmp), image):
-                        raise OSError(f"cannot write {tmp}")
-        except (HwrError, OSError) as e:
+                target = annotation_path(out_dir, reading.path, page.index + 1)
+                try:
+                    write_png(target, image)
+                except OSError as e:
+                    raise OutputError(f"{target}: cannot write the annotation ({e.strerror or e})") from None
+        except InputFileError as e:  # it was read a moment ago: changed or removed since
             log.warning("%s: no annotation written (%s)", reading.path, e)

@@ -186,6 +186,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if need be and write a page-sized temporary file in it (then remove it),
+    so that a folder the outputs cannot go to fails now, with the system's reason (read-only file
+    system, permission denied, no space left), rather than after the work.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = temp_path_for(directory / ".write-check")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if os.write(fd, bytes(4096)) < 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        _discard(probe)
+
+
 def remove_stale_temp_files(directory: Path) -> list[Path]:
     """Delete temporary files that writers in dead processes left in ``directory`` (not recursive).
 
@@ -232,6 +253,61 @@ def _pid_alive(pid: int) -> bool:
     except OverflowError:
         return False
     return True
+
+
+# What display_text escapes: a backslash (the escape character itself), C0 controls and DEL, C1
+# controls, the Unicode line and paragraph separators (str.splitlines() breaks lines at all of
+# these), and lone surrogates (the undecodable bytes of a file name, from os.fsdecode).
+_UNSAFE_CHARACTERS = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode: shown as that byte
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:  # an ASCII control character: one byte, shown as that byte
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def display_text(value: str) -> str:
+    """Text (a file name, a reason naming one) as every table cell, log line and message shows it.
+
+    Undecodable bytes of a file name become ``\\xNN`` (the byte), control characters (tab, CR,
+    LF, the other C0 and C1 controls, DEL, U+2028/U+2029) ``\\xNN`` or ``\\uNNNN``, and a
+    backslash ``\\\\``, as ``ls --quoting-style=escape`` shows names. The result is valid UTF-8,
+    holds no line break a reader could split at, and never shows two different names alike (a byte
+    0xE9 is ``\\xe9``, a name spelled with a backslash ``\\\\xe9``), so the tables can key rows on it.
+    """
+    return _UNSAFE_CHARACTERS.sub(_escape, value)
+
+
+def display_path(path: os.PathLike[str] | str | bytes) -> str:
+    """A path as :func:`display_text` shows it (``bytes`` are taken as the file system's raw name)."""
+    return display_text(os.fsdecode(path))
+
+
+_DISPLAY_ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|(\\))")
+
+
+def parse_display_text(text: str) -> str:
+    """The text :func:`display_text` showed as ``text`` (a file name from a table cell, as
+    ``os.fsdecode`` would give it: undecodable bytes as lone surrogates). A backslash that starts
+    no escape (a cell edited by hand) is kept as it is."""
+
+    def unescape(match: re.Match[str]) -> str:
+        byte, char, _ = match.groups()
+        if byte is not None:
+            code = int(byte, 16)
+            return chr(code) if code < 0x80 else chr(0xDC00 + code)  # a control character, or a raw byte
+        if char is not None:
+            return chr(int(char, 16))
+        return "\\"
+
+    return _DISPLAY_ESCAPE.sub(unescape, text)
 
 
 def neutralise_cell(value: object) -> object:

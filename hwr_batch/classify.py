@@ -87,7 +87,7 @@ def load_classifier(path: Path | None = None, *, threads: int = 0) -> Classifier
     options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad files
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
         raise ModelError(f"{path}: not a usable ONNX model ({e})") from None
     shape = session.get_inputs()[0].shape
     if list(shape[1:]) != [IMAGE_SIZE, IMAGE_SIZE, 1]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -40,7 +41,7 @@ def _global_options(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv for debug).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     log_file: Annotated[
-        Optional[Path], typer.Option(envvar="HWR_BATCH_LOG_FILE", help="Also append log lines to this file.", dir_okay=False)
+        Path | None, typer.Option(envvar="HWR_BATCH_LOG_FILE", help="Also append log lines to this file.", dir_okay=False)
     ] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", envvar="HWR_BATCH_JSON_LOGS", help="Log one JSON object per line.")] = False,
     version: Annotated[
@@ -57,31 +58,50 @@ def _global_options(
     configure_logging(level, log_file=log_file, json_lines=json_logs)
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL message``, one line per event: the message is escaped as the tables escape cells
+    (:func:`~hwr_batch.atomic.display_text`), so a file name with a line break or bytes that are not
+    UTF-8 can neither forge a log line nor break the log file's encoding."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .atomic import display_text
+
+        record = logging.makeLogRecord(record.__dict__)  # other handlers get the record as it was
+        record.msg, record.args = display_text(record.getMessage()), None
+        return super().format(record)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (ISO 8601, UTC), level, logger, message."""
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message (escaped like TextFormatter's)."""
 
     def format(self, record: logging.LogRecord) -> str:
         import json
-        from datetime import datetime, timezone
+        from datetime import datetime
+
+        from .atomic import display_text
 
         entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": display_text(record.getMessage()),
         }
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
+        if record.exc_info:  # kept multi-line; undecodable bytes in it as \udcNN
+            entry["traceback"] = self.formatException(record.exc_info).encode("utf-8", "backslashreplace").decode()
         return json.dumps(entry, ensure_ascii=False)
 
 
 def configure_logging(level: int, *, log_file: Path | None = None, json_lines: bool = False) -> None:
     """Log to stderr (stdout is for data), and optionally to a file, under the ``hwr_batch`` logger only."""
-    formatter = JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    formatter = JsonFormatter() if json_lines else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         try:
-            handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+            # backslashreplace: a traceback quoting an undecodable file name must not break the log.
+            handlers.append(logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
         except OSError as e:
             raise typer.BadParameter(f"cannot open log file {log_file}: {e.strerror}", param_hint="--log-file") from None
     for handler in handlers:
@@ -92,7 +112,7 @@ def configure_logging(level: int, *, log_file: Path | None = None, json_lines: b
 
 
 DataDirOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--data-dir",
         help="Folder holding the four MNIST IDX .gz files. Default: $HWR_BATCH_MNIST_DIR, else ~/.cache/hwr-batch/mnist.",
@@ -100,7 +120,7 @@ DataDirOption = Annotated[
     ),
 ]
 ModelOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--model", "-m", envvar="HWR_BATCH_MODEL",
         help="ONNX model (.onnx; a .keras path uses its .onnx twin). Default: the shipped model.",
@@ -112,11 +132,11 @@ ModelOption = Annotated[
 def process(
     ctx: typer.Context,
     inputs: Annotated[
-        Optional[list[Path]],
+        list[Path] | None,
         typer.Argument(help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False),
     ] = None,
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(envvar="HWR_BATCH_CONFIG", help="TOML file with a [process] table of these options (and `inputs`); "
                      "the command line and HWR_BATCH_* variables override it.", dir_okay=False),
     ] = None,
@@ -147,18 +167,18 @@ def process(
         float,
         typer.Option(min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", help="Digits the model is less sure of are flagged for review."),
     ] = 0.8,
-    include: Annotated[Optional[list[str]], typer.Option(help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Skip files or folders matching this glob (repeatable; case-insensitive).")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Skip files or folders matching this glob (repeatable; case-insensitive).")] = None,
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", help="Worker processes for reading pages; 0 = one per core.")
     ] = 0,
     annotate: Annotated[
-        Optional[Path], typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
+        Path | None, typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
     ] = None,
     pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="Resolution at which PDF pages are rendered.")] = 300,
     max_megapixels: Annotated[float, typer.Option(min=1.0, help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
     state_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database and run lock. Default: OUT/.hwr-batch.", file_okay=False),
     ] = None,
     force: Annotated[
@@ -286,14 +306,14 @@ def train(
                      "trained to low confidence so that `process` can tell good cuts from bad ones (0.3 helped on "
                      "generated forms but hurt real scans; see models/MODEL_CARD.md); 0 = none."),
     ] = 0.0,
-    limit: Annotated[Optional[int], typer.Option(min=100, help="Train on the first N training images only (quick trials).")] = None,
+    limit: Annotated[int | None, typer.Option(min=100, help="Train on the first N training images only (quick trials).")] = None,
     name: Annotated[str, typer.Option(help="Base name of the output files.")] = "hwr-digits",
     images: Annotated[
-        Optional[Path], typer.Option(help="Train on this IDX images file instead of MNIST (needs --labels; e.g. EMNIST letters).")
+        Path | None, typer.Option(help="Train on this IDX images file instead of MNIST (needs --labels; e.g. EMNIST letters).")
     ] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="IDX labels file that goes with --images (classes 0..C-1).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="IDX labels file that goes with --images (classes 0..C-1).")] = None,
     real: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             metavar="DIR[a:b][*N]",
             help="Also train on real fields labelled with their digit strings: a folder with truth.csv "
@@ -308,7 +328,7 @@ def train(
                      "training digits (their wrong cuts teach 'not a digit' on MNIST-style handwriting)."),
     ] = 0,
     start_model: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="With --real: the .onnx model that aligns the first round (its .keras twin is the "
                      "starting weights). Default: the shipped model.", dir_okay=False),
     ] = None,
@@ -318,7 +338,8 @@ def train(
     from .mnist import load_idx_pair
 
     require_training_extra("train")
-    from .train import RealFieldSet, TrainConfig, train as run_training, train_on_real
+    from .train import RealFieldSet, TrainConfig, train_on_real
+    from .train import train as run_training
 
     if (images is None) != (labels is None):
         raise BadArgsError("--images and --labels go together")
@@ -366,7 +387,7 @@ def learn(
     ),
     model: ModelOption = None,
     mnist_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="MNIST folder: a sample of its digits is mixed in so the model keeps what it knew. "
                      "Default: the download folder of `hwr-batch download-mnist`.", file_okay=False),
     ] = None,
@@ -385,7 +406,8 @@ def learn(
     OUT/learn.json (base model, data, figures). Says plainly whether the new model is better.
     """
     require_training_extra("learn")
-    from .learn import LearnConfig, learn as run_learn
+    from .learn import LearnConfig
+    from .learn import learn as run_learn
     from .pipeline import ReadSettings
 
     result = run_learn(
@@ -401,13 +423,13 @@ def learn(
 def evaluate(
     model: ModelOption = None,
     data_dir: DataDirOption = None,
-    images: Annotated[Optional[Path], typer.Option(help="IDX images file to score instead of MNIST's test set (needs --labels).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="IDX labels file that goes with --images.")] = None,
+    images: Annotated[Path | None, typer.Option(help="IDX images file to score instead of MNIST's test set (needs --labels).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="IDX labels file that goes with --images.")] = None,
     folder: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Folder of your own labelled digit images, one sub-folder per class (FOLDER/7/x.png).", file_okay=False),
     ] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N images.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N images.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json and the PNG reports.")] = Path("evaluation"),
 ) -> None:
     """Score a model: accuracy, per-class precision/recall/F1, confusion matrix and worst mistakes.
@@ -417,7 +439,8 @@ def evaluate(
     """
     from .classify import load_classifier
     from .errors import BadArgsError
-    from .evaluate import evaluate as run_evaluation, load_labelled_folder, write_reports
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import load_labelled_folder, write_reports
     from .mnist import LabelledImages, load_idx_pair, load_mnist
 
     if (images is None) != (labels is None):
@@ -448,7 +471,7 @@ def evaluate(
 @app.command("export-onnx")
 def export_onnx(
     keras_model: Annotated[Path, typer.Argument(help="A .keras model saved by `hwr-batch train`.", exists=True, dir_okay=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The .onnx file. Default: beside the .keras file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The .onnx file. Default: beside the .keras file.")] = None,
 ) -> None:
     """Convert a trained .keras model to ONNX, which `process` and `evaluate` run without TensorFlow."""
     require_training_extra("export-onnx")
@@ -491,13 +514,23 @@ def main() -> None:
         e.show()
         code = e.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        print("hwr-batch: interrupted", file=sys.stderr)
+        _report_fatal(logging.WARNING, "hwr-batch: interrupted")
         code = ExitCode.ctrl_c
     except HwrError as e:
-        print(f"hwr-batch: error: {e}", file=sys.stderr)
+        _report_fatal(logging.ERROR, f"hwr-batch: error: {e}")
         log.debug("traceback", exc_info=True)
         code = e.exit_code
     except Exception:
         log.exception("hwr-batch: unexpected error (please report it with this traceback)")
         code = ExitCode.other_error
     sys.exit(int(code))
+
+
+def _report_fatal(level: int, message: str) -> None:
+    """The reason a run stops, where its log goes (--log-file, --json-logs); on stderr if logging is not set up yet."""
+    if log.handlers:
+        log.log(level, "%s", message)
+    else:
+        from .atomic import display_text
+
+        print(display_text(message), file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -72,6 +73,9 @@ class Options:
             raise BadArgsError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
         if self.field_mode not in FIELD_MODES:
             raise BadArgsError(f"--fields must be one of {', '.join(FIELD_MODES)}, got {self.field_mode!r}")
+        for name in ("min_confidence", "max_megapixels"):  # nan passes every comparison below
+            if not math.isfinite(getattr(self, name)):
+                raise BadArgsError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise BadArgsError(f"--min-confidence must be between 0 and 1, got {self.min_confidence}")
         if not 50 <= self.pdf_dpi <= 1200:
@@ -133,6 +137,8 @@ def read_config_file(path: Path) -> dict[str, object]:
         expected = CONFIG_TYPES[name]
         if not _has_type(value, expected):
             raise BadArgsError(f"{path}: setting {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
+        if expected == "number" and not math.isfinite(value):  # TOML has nan and inf; no setting means them
+            raise BadArgsError(f"{path}: setting {key!r} must be a finite number, got {value!r}")
         # Relative paths are relative to the config file, not to wherever cron starts the job.
         if expected == "path":
             value = str(path.parent / value)

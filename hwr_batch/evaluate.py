@@ -98,6 +98,16 @@ def edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
+def _read_gray(path: Path) -> np.ndarray | None:
+    """An image file as (H, W) uint8 grayscale, or None if it cannot be read or decoded. Read by
+    Python and decoded in memory: ``cv2.imread`` cannot open a path that is not valid UTF-8."""
+    try:
+        data = np.frombuffer(path.read_bytes(), np.uint8)
+    except OSError:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+
+
 def load_labelled_folder(folder: Path, labels: str) -> LabelledImages:
     """Read digit images sorted into one sub-folder per class (``folder/7/scan_001.png``).
 
@@ -125,7 +135,7 @@ def load_labelled_folder(folder: Path, labels: str) -> LabelledImages:
         for path in sorted(class_dir.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            gray = _read_gray(path)
             if gray is None:
                 unreadable.append(path)
                 continue

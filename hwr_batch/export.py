@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_output, atomic_path, neutralise_formulas
+from .atomic import atomic_output, atomic_path, display_text, neutralise_formulas
 from .errors import OutputError
+
+log = logging.getLogger(__name__)
 
 # Column order of each table: a stable interface for spreadsheets and scripts.
 DIGIT_COLUMNS = (
@@ -22,6 +27,9 @@ FIELD_COLUMNS = (
 )
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {"digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS}
+# Whole-number columns: kept integer (nullable Int64) whatever a table read back holds, so they never turn float.
+INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count")
+TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason")
 FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
@@ -32,13 +40,29 @@ def empty_tables() -> dict[str, pd.DataFrame]:
 
 
 def to_frame(name: str, rows: list[dict]) -> pd.DataFrame:
-    """Rows (dicts keyed by column) -> a DataFrame with the table's columns in order."""
+    """Rows (dicts keyed by column) -> a DataFrame with the table's columns in order.
+
+    This is where new rows become cells: every text value is escaped here, once, with
+    :func:`~hwr_batch.atomic.display_text` (file names that are not UTF-8 or hold control
+    characters, and the reasons that name them), so no cell of any table can break a CSV line,
+    fail to encode, or show two files alike. Rows hold the exact text (``str(path)``).
+    """
     columns = list(TABLE_COLUMNS[name])
     frame = pd.DataFrame(rows, columns=columns)
-    # The digit string is text: "007" must not become 7 in a spreadsheet.
-    for column in ("digits", "digit", "second_choice"):
-        if column in frame:
+    for column in frame.columns:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column].dtype):
+            frame[column] = frame[column].map(lambda v: display_text(v) if isinstance(v, str) else v)
+    return _typed(frame)
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as strings (the digit string "007" must not become 7), whole numbers as Int64."""
+    for column in frame.columns:
+        if column in TEXT_COLUMNS:
             frame[column] = frame[column].astype("string")
+        elif column in INTEGER_COLUMNS:  # a value that is not a whole number becomes missing
+            numbers = pd.to_numeric(frame[column], errors="coerce")
+            frame[column] = numbers.where(numbers == numbers.round()).astype("Int64")
     return frame
 
 
@@ -114,6 +138,11 @@ def _without_control_characters(frame: pd.DataFrame) -> pd.DataFrame:
 def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
     """Read back tables written by :func:`write_tables` (empty tables where none exist yet).
 
+    Rows that cannot be whole (a CSV file cut short, as by a partial restore, ends inside its last
+    row; a row missing its file or a whole-number value) are dropped with a warning: the run then
+    finds their files' rows short of what the state database records, and reads them again. Where a
+    CSV file was cut, ``frame.attrs[CUT_SHORT_AT]`` says from which file on rows may be missing.
+
     Raises:
         OutputError: a table exists but cannot be read, or lacks its columns; names the file.
     """
@@ -122,22 +151,68 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
     for name, path in paths.items():
         if not path.is_file():
             continue
-        text_columns = {c: "string" for c in ("file", "digits", "digit", "second_choice", "reason", "flag_reason")}
+        text_columns = dict.fromkeys(TEXT_COLUMNS, "string")
+        cut_at = None
         try:
             if fmt == "xlsx":
                 frame = _read_sheets(path, name, text_columns)
             else:
                 frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
-        except (OSError, ValueError, KeyError) as e:
-            raise OutputError(f"{path}: cannot read the results table back ({e}); move it aside to start a new one") from None
+                if len(frame) and not _ends_with_newline(path):  # cut inside its last row
+                    log.warning("%s: the table ends inside a row (cut short?); its last row is dropped", path)
+                    frame = frame.iloc[:-1]
+                    # Rows are sorted by file: those before the last whole row's file are whole.
+                    last = frame["file"].iloc[-1] if len(frame) else None
+                    cut_at = "" if last is None or pd.isna(last) else str(last)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise OutputError(
+                f"{path}: cannot read the results table back ({type(e).__name__}: {e}); restore it from a backup, "
+                "or move it aside: the next run then reads again every file whose rows it held"
+            ) from None
         missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
         if missing:
             raise OutputError(
                 f"{path}: the {name} table has no column(s) {', '.join(missing)}; it was edited or damaged. "
                 "Move it aside (and use --force to rebuild it) or restore it"
             )
+        for column in TEXT_COLUMNS:
+            if column in frame:  # written before cells were escaped: tab, CR, LF were kept raw
+                frame[column] = frame[column].str.replace(_RAW_CONTROLS, lambda m: display_text(m.group()), regex=True)
+        frame = _typed(frame)
+        whole = frame["file"].notna() & (frame["file"] != "")
+        for column in REQUIRED_INTEGERS[name]:
+            whole &= frame[column].notna()
+        if not whole.all():
+            log.warning("%s: %d damaged row(s) of the %s table dropped; their files are read again", path, (~whole).sum(), name)
+            frame = frame[whole].reset_index(drop=True)
+        frame.attrs[CUT_SHORT_AT] = cut_at
         tables[name] = frame
     return tables
+
+
+# frame.attrs key: for a table cut inside a row, the file of the last whole row before the cut (tables are
+# written sorted by file, so every file from that one on may have lost rows); None if the table is whole.
+CUT_SHORT_AT = "cut_short_at"
+
+
+# Whole-number columns every row of a table has.
+REQUIRED_INTEGERS = {
+    "digits": [c for c in DIGIT_COLUMNS if c in INTEGER_COLUMNS],
+    "fields": [c for c in FIELD_COLUMNS if c in INTEGER_COLUMNS],
+    "errors": [],  # page is empty when the whole file failed
+}
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+_RAW_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame:

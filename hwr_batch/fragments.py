@@ -48,7 +48,7 @@ def make_fragments(images: np.ndarray, count: int, rng: np.random.Generator) -> 
             ink = _side_by_side(a, b, rng.uniform(-0.15, 0.05), rng)
         else:
             w = b.shape[1]
-            keep = max(2, int(round(rng.uniform(0.2, 0.45) * w)))
+            keep = max(2, round(rng.uniform(0.2, 0.45) * w))
             gap = rng.uniform(-0.1, 0.0)
             if rng.random() < 0.5:  # the neighbour's left edge overhangs on the right of the digit ...
                 ink = _side_by_side(a, b[:, :keep], gap, rng)
@@ -72,7 +72,7 @@ def _digit_ink(image: np.ndarray) -> np.ndarray:
 def _part(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     """The left or right 20-45 % of a digit's columns, or None for a slice a '1' could be."""
     h, w = ink.shape
-    keep = int(round(rng.uniform(0.2, 0.45) * w))
+    keep = round(rng.uniform(0.2, 0.45) * w)
     if keep < 0.35 * h:  # a slim slice is a '1' in every way the model can see
         return None
     return ink[:, :keep] if rng.random() < 0.5 else ink[:, w - keep :]
@@ -81,7 +81,7 @@ def _part(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
 def _side_by_side(left: np.ndarray, right: np.ndarray, gap: float, rng: np.random.Generator) -> np.ndarray:
     """Two inks on one baseline (within a tenth of a height), ``gap`` digit heights apart (< 0: overlapping)."""
     h = max(left.shape[0], right.shape[0])
-    dx = int(round(gap * h))
+    dx = round(gap * h)
     x_right = max(0, left.shape[1] + dx)
     width = max(left.shape[1], x_right + right.shape[1])
     canvas = np.zeros((h + h // 10 + 1, width), np.float32)

@@ -25,6 +25,7 @@ Modes:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -95,7 +96,7 @@ def guess_dpi(shape: tuple[int, ...]) -> float:
 
 def _downscale(gray: np.ndarray, dpi: float) -> tuple[np.ndarray, int]:
     """Shrink by an integer factor towards ~150 dpi (integer factors keep INTER_AREA fast)."""
-    f = max(1, int(round(dpi / WORK_DPI)))
+    f = max(1, round(dpi / WORK_DPI))
     if f == 1:
         return gray, 1
     h, w = gray.shape
@@ -152,7 +153,7 @@ def _skew_small(bw: np.ndarray, dpi: float, max_angle: float) -> float:
     tan = math.tan(math.radians(max_angle))
     angles, weights = [], []
     for c in contours:
-        x, y, w, h = cv2.boundingRect(c)
+        _x, _y, w, h = cv2.boundingRect(c)
         if w < 25 * px_mm or h > w * tan + 1.5 * px_mm:
             continue
         pts = c.reshape(-1, 2).astype(np.float64)
@@ -202,7 +203,7 @@ def _to_page(m_inv: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int
     H, W = shape[:2]
     x0, y0 = np.clip(pts.min(axis=0), 0, [W, H])
     x1, y1 = np.clip(pts.max(axis=0), 0, [W, H])
-    return int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0))
+    return round(x0), round(y0), round(x1 - x0), round(y1 - y0)
 
 
 def _shifted(m_inv: np.ndarray, x0: int, y0: int) -> np.ndarray:
@@ -218,7 +219,7 @@ def _reading_order(boxes: list[tuple[int, int, int, int]]) -> list[int]:
     rows: list[list[int]] = []
     row_y1 = -1.0
     for i in order:
-        x, y, w, h = boxes[i]
+        _x, y, _w, h = boxes[i]
         if rows and y + h / 2 < row_y1:
             rows[-1].append(i)
             row_y1 = max(row_y1, min(row_y1, y + h))
@@ -291,7 +292,7 @@ def _find_boxes(
         return []
     raw: dict[int, list[tuple[int, int, int, int]]] = {}
     area: dict[tuple[int, int, int, int], float] = {}
-    H, W = bw.shape
+    _H, W = bw.shape
     for c, (_, _, _, parent) in zip(contours, hier[0]):
         if parent < 0:
             continue
@@ -342,7 +343,7 @@ def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float,
     paper = cv2.mean(crop, mask=255 - ink)[0] if cv2.countNonZero(ink) < ink.size else 255.0
     if otsu > paper - 25:  # nothing but paper (and noise): no real ink
         ink = (crop < paper - 60).astype(np.uint8) * 255
-    H, W = crop.shape
+    _H, W = crop.shape
     band = max(3, int(0.15 * ih))
     # Horizontal border lines: long runs near the expected top and bottom edges.
     kh = max(5, int(min(0.8 * iw, max(1.0 * ih, 6 * px_mm))))
@@ -377,7 +378,7 @@ def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float,
         keep_v[i] = True
         cx = x + w / 2
         if ix + 0.5 * thick + 3 < cx < ix + iw - 0.5 * thick - 3 and not side:
-            ticks.append(int(round(cx)))
+            ticks.append(round(cx))
     vmask = (keep_v[labels] * 255).astype(np.uint8) if keep_v.any() else np.zeros_like(ink)
     # Known verticals (box sides, separators): take their straight runs even where a digit touches them.
     r = thick // 2 + 2
@@ -399,7 +400,7 @@ def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float,
     good = np.bincount(labels[iy + thick : iy + ih - thick, ix + thick : ix + iw - thick].ravel(), minlength=n) > 0
     good[0] = False
     keep_mask = cv2.dilate(good[labels].astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    out = np.full_like(crop, int(round(paper)))
+    out = np.full_like(crop, round(paper))
     out[keep_mask] = crop[keep_mask]
     ticks.sort()
     merged: list[int] = []
@@ -413,24 +414,23 @@ def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.nd
     px_mm_small = dpi * s / MM_PER_INCH
     px_mm = dpi / MM_PER_INCH
     m_inv = cv2.invertAffineTransform(m)
-    H, W = gray.shape
     found = []
     for (x, y, w, h), cells in _find_boxes(bw, px_mm_small, min_box_mm):
         # Interior in deskewed full-resolution pixels (the grid was dilated by 1 px at small scale).
         ix, iy = (x - 0.5) / s, (y - 0.5) / s
         iw, ih = (w + 1) / s, (h + 1) / s
         mx, my = int(0.25 * ih + 2), int(0.3 * ih + 2)
-        bx0, by0 = int(math.floor(ix - mx)), int(math.floor(iy - my))
-        cw, ch = int(math.ceil(iw + 2 * mx)), int(math.ceil(ih + 2 * my))
+        bx0, by0 = math.floor(ix - mx), math.floor(iy - my)
+        cw, ch = math.ceil(iw + 2 * mx), math.ceil(ih + 2 * my)
         crop = _cut(gray, m, (bx0, by0, cw, ch))
-        inner = (int(round(ix - bx0)), int(round(iy - by0)), int(round(iw)), int(round(ih)))
-        seps = [int(round(((c[0] - 1) + (p[0] + p[2])) / 2 / s - bx0)) for p, c in zip(cells[:-1], cells[1:])]
+        inner = (round(ix - bx0), round(iy - by0), round(iw), round(ih))
+        seps = [round(((c[0] - 1) + (p[0] + p[2])) / 2 / s - bx0) for p, c in itertools.pairwise(cells)]
         image, ticks = _clean_box(crop, inner, px_mm, seps)
         edges = seps or ticks
         bounds = [inner[0], *edges, inner[0] + inner[2]]
-        cell_ranges = tuple((a, b) for a, b in zip(bounds[:-1], bounds[1:])) if len(bounds) > 2 else ()
+        cell_ranges = tuple((a, b) for a, b in itertools.pairwise(bounds)) if len(bounds) > 2 else ()
         lt = max(1, int(0.15 * px_mm))  # half a typical line width: the truth boxes include the border
-        outer = (int(round(ix)) - lt, int(round(iy)) - lt, int(round(iw)) + 2 * lt, int(round(ih)) + 2 * lt)
+        outer = (round(ix) - lt, round(iy) - lt, round(iw) + 2 * lt, round(ih) + 2 * lt)
         found.append(Field(_to_page(m_inv, outer, gray.shape), image, "box", inner, cell_ranges, _shifted(m_inv, bx0, by0)))
     order = _reading_order([f.bbox for f in found])
     return [found[i] for i in order]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .align import SegmentedField, examples_from_fields, read_segmented, segment_labelled
+from .atomic import parse_display_text
 from .classify import SHIPPED_MODEL, Classifier, load_classifier
 from .errors import BadArgsError, DatasetError, HwrError, ModelError, OutputError
 from .mnist import LabelledImages, default_data_dir, load_mnist
@@ -111,7 +112,7 @@ def read_corrections(path: Path) -> list[Correction]:
             page, field = int(row["page"]), int(row["field"])
         except ValueError:
             raise DatasetError(f"{path}, line {number}: page and field must be whole numbers") from None
-        file = Path(row["file"])
+        file = Path(parse_display_text(row["file"]))  # fields.csv shows odd names escaped
         corrections.append(Correction(file if file.is_absolute() else path.parent / file, page, field, digits))
     return corrections
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def find_inputs(
 
     for root in map(Path, paths):
         if root.is_dir():
-            def on_error(error: OSError) -> None:
+            def on_error(error: OSError, root: Path = root) -> None:
                 problems.append((Path(error.filename or root), f"cannot list folder: {error.strerror}"))
 
             for folder, dirnames, filenames in os.walk(root, onerror=on_error):
@@ -121,34 +122,48 @@ def iter_pages(
         raise InputFileError(f"{path}: not a regular file")
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(PDF_HEADER_WINDOW)
     except OSError as e:
         raise InputFileError(f"{path}: cannot read ({e.strerror})") from None
     if not head:
         raise InputFileError(f"{path}: empty file (0 bytes)")
-    if head.startswith(b"%PDF"):
+    if is_pdf(head):
         yield from _iter_pdf_pages(path, dpi=pdf_dpi, max_megapixels=max_megapixels)
     else:
         yield from _iter_image_pages(path, max_megapixels=max_megapixels)
 
 
+PDF_HEADER_WINDOW = 1024  # PDFium (like Acrobat) finds "%PDF-" anywhere in a file's first 1,024 bytes
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM", b"GIF8", b"RIFF")
+
+
+def is_pdf(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a PDF, as PDFium decides: "%PDF-" within the first
+    1,024 bytes (after a byte-order mark or a blank line, say), unless it starts as an image does."""
+    return b"%PDF-" in head[:PDF_HEADER_WINDOW] and not head.startswith(_IMAGE_SIGNATURES)
+
+
 def count_pages(path: Path) -> int:
     """Number of pages in an image or PDF file, without decoding them (0 if it cannot be read)."""
     try:
-        if open(path, "rb").read(4) == b"%PDF":
-            import pypdfium2 as pdfium
-
-            return len(pdfium.PdfDocument(str(path)))
+        with open(path, "rb") as f:
+            head = f.read(PDF_HEADER_WINDOW)
+        if is_pdf(head):
+            document = _open_pdf(path)
+            try:
+                return len(document)
+            finally:
+                document.close()
         from PIL import Image
 
         with Image.open(path) as image:
             return getattr(image, "n_frames", 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: cannot tell
         return 0
 
 
 def _iter_image_pages(path: Path, *, max_megapixels: float) -> Iterator[Page]:
-    from PIL import Image, ImageSequence, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = None  # we apply our own, configurable limit below, before decoding
     try:
@@ -158,7 +173,7 @@ def _iter_image_pages(path: Path, *, max_megapixels: float) -> Iterator[Page]:
     except OSError as e:
         raise InputFileError(f"{path}: cannot open image ({e})") from None
     with image:
-        for index, frame in enumerate(ImageSequence.Iterator(image)):
+        for index, frame in enumerate(_frames(image, path)):
             width, height = frame.size
             if width * height > max_megapixels * 1e6:
                 raise InputFileError(
@@ -169,8 +184,39 @@ def _iter_image_pages(path: Path, *, max_megapixels: float) -> Iterator[Page]:
                 gray = _to_gray(frame)
             except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data surfaces at decode
                 raise InputFileError(f"{path}: page {index + 1} is truncated or corrupt ({e})") from None
+            _check_size(gray, path, index)
             dpi = frame.info.get("dpi")
             yield Page(path, index, gray, float(dpi[0]) if dpi and dpi[0] else None)
+
+
+def _frames(image, path: Path):
+    """The pages of a Pillow image, one by one; a page that cannot be reached is an InputFileError
+    (a multi-page TIFF whose next-page pointer is broken made Pillow raise "TypeError: Missing dimensions")."""
+    index = 0
+    while True:
+        try:
+            image.seek(index)
+        except EOFError:
+            return
+        except (TypeError, ValueError, OSError, SyntaxError, struct.error) as e:
+            raise InputFileError(
+                f"{path}: page {index + 1} cannot be read: the file's pointer to it is broken or leads to a "
+                f"damaged page ({e})"
+            ) from None
+        yield image
+        index += 1
+
+
+MIN_PAGE_PIXELS = 8  # rows and columns: a digit needs more; OpenCV's resizing fails on a 1-pixel side
+
+
+def _check_size(gray: np.ndarray, path: Path, index: int) -> None:
+    height, width = gray.shape[:2]
+    if min(height, width) < MIN_PAGE_PIXELS:
+        raise InputFileError(
+            f"{path}: page {index + 1} is {width}x{height} pixels, too small to hold a digit "
+            f"(at least {MIN_PAGE_PIXELS}x{MIN_PAGE_PIXELS} needed)"
+        )
 
 
 def _to_gray(frame) -> np.ndarray:
@@ -190,11 +236,31 @@ def _to_gray(frame) -> np.ndarray:
     return np.asarray(frame.convert("L"), dtype=np.uint8).copy()
 
 
+def _open_pdf(path: Path):
+    """Open a PDF through a Python file object: given a path, pypdfium2 encodes it as UTF-8, which
+    fails for a name that is not valid UTF-8.
+
+    Raises:
+        OSError: the file cannot be opened.
+        pypdfium2.PdfiumError: PDFium cannot load it.
+    """
+    import pypdfium2 as pdfium
+
+    stream = open(path, "rb")  # noqa: SIM115 - the document owns it (autoclose), or it is closed below
+    try:
+        return pdfium.PdfDocument(stream, autoclose=True)
+    except BaseException:
+        stream.close()
+        raise
+
+
 def _iter_pdf_pages(path: Path, *, dpi: int, max_megapixels: float) -> Iterator[Page]:
     import pypdfium2 as pdfium
 
     try:
-        document = pdfium.PdfDocument(str(path))
+        document = _open_pdf(path)
+    except OSError as e:
+        raise InputFileError(f"{path}: cannot read ({e.strerror or e})") from None
     except pdfium.PdfiumError as e:
         reason = "encrypted (password protected)" if "password" in str(e).lower() else f"broken PDF ({e})"
         raise InputFileError(f"{path}: {reason}") from None
@@ -215,6 +281,55 @@ def _iter_pdf_pages(path: Path, *, dpi: int, max_megapixels: float) -> Iterator[
                 raise InputFileError(f"{path}: page {index + 1} cannot be rendered ({e})") from None
             if gray.ndim == 3:
                 gray = gray[..., 0]
+            damaged = _damaged_images(page)
+            if damaged:
+                raise InputFileError(
+                    f"{path}: page {index + 1} has damaged image data ({'; '.join(damaged)}); PDFium draws what it "
+                    "can of such an image, so the page would be read partly"
+                )
+            _check_size(gray, path, index)
             yield Page(path, index, gray.copy(), float(dpi))
     finally:
         document.close()
+
+
+# Filters PDFium decodes in FPDFImageObj_GetImageDataDecoded; the others (DCT, JPX, JBIG2, CCITT) it leaves encoded.
+_SIMPLE_FILTERS = frozenset({"FlateDecode", "Fl", "LZWDecode", "LZW", "ASCIIHexDecode", "AHx", "ASCII85Decode", "A85",
+                             "RunLengthDecode", "RL"})
+
+
+def _damaged_images(page) -> list[str]:
+    """What is wrong with the images of a PDF page, one text per damaged image (empty: nothing found).
+
+    PDFium renders a damaged image stream without a word (a cut Flate stream, as far as it goes; a
+    broken JPEG, with grey where the data fails). So each image's data is decoded again here: an
+    uncompressed or Flate/LZW image must decode to its full size, a JPEG must decode without error.
+    JPEG 2000, JBIG2 and CCITT images are not checked, nor damage that still decodes (bytes changed
+    inside a JPEG's entropy-coded data).
+    """
+    import io
+
+    import pypdfium2 as pdfium
+    from PIL import Image
+
+    problems = []
+    for number, image in enumerate(page.get_objects(filter=(pdfium.raw.FPDF_PAGEOBJ_IMAGE,)), start=1):
+        try:
+            filters = image.get_filters()
+            data = image.get_data(decode_simple=True)
+        except pdfium.PdfiumError as e:
+            problems.append(f"image {number}: {e}")
+            continue
+        encoded = [f for f in filters if f not in _SIMPLE_FILTERS]
+        if not encoded:
+            meta = image.get_metadata()
+            expected = meta.height * ((meta.width * meta.bits_per_pixel + 7) // 8)
+            if len(data) < expected:
+                problems.append(f"image {number} decodes to {len(data)} of its {expected} bytes")
+        elif encoded in (["DCTDecode"], ["DCT"]):
+            try:
+                with Image.open(io.BytesIO(bytes(data))) as jpeg:
+                    jpeg.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                problems.append(f"image {number} (JPEG): {e}")
+    return problems

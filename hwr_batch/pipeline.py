@@ -12,13 +12,12 @@ import itertools
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -28,17 +27,29 @@ import numpy as np
 import pandas as pd
 
 from .annotate import annotate_files
-from .atomic import neutralise_cell, remove_stale_temp_files
+from .atomic import check_writable, display_path, neutralise_cell, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
-from .errors import ExitCode, HwrError
-from .export import empty_tables, read_tables, to_frame, write_tables
+from .errors import ExitCode, HwrError, InputFileError, OutputError
+from .export import CUT_SHORT_AT, empty_tables, read_tables, to_frame, write_tables
 from .layout import Field, Layout, analyse_page
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
 from .segment import FieldCandidates, read_field, segment_field_candidates
-from .state import Decision, StateDB, begin_run, finish_run, mark_done, mark_failed, open_state, plan, stale_files
+from .state import (
+    Decision,
+    StateDB,
+    UnstableFileError,
+    begin_run,
+    finish_run,
+    mark_done,
+    mark_failed,
+    open_state,
+    plan,
+    stale_files,
+    with_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +166,7 @@ def _read_page(
         first = len(images)
         images.extend(to_mnist(piece.ink) for piece in candidates.pieces)
         seconds["normalise"] += time.perf_counter() - started
-        x, y, w, h = found.bbox
+        x, y, _w, _h = found.bbox
         inner_x, inner_y, _, _ = found.inner
         # The field image is the box plus a margin; its interior starts at `inner` within it.
         origin = (x - inner_x, y - inner_y)
@@ -308,7 +319,7 @@ def classify_readings(
     field_rows: list[dict] = []
     offset = 0
     for reading in readings:
-        file = file_text(reading.path)
+        file = str(reading.path)  # the exact name; to_frame escapes it (see file_text)
         for page in reading.pages:
             for number, found in enumerate(page.fields, start=1):
                 pieces = found.candidates.pieces
@@ -442,7 +453,9 @@ def run_batch(
     options = options.validated()
     started = time.perf_counter()
     report = BatchReport()
+    check_inputs_exist(options.inputs)
     classifier = load_classifier(options.model)
+    check_outputs_writable(options)
     # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
     own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
     files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
@@ -460,11 +473,45 @@ def run_batch(
             _run(files, problems, options, classifier, db, report, should_stop, progress)
         except BaseException as error:
             code = ExitCode.ctrl_c if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", ExitCode.other_error)
-            finish_run(db, run_id, exit_status=int(code))
+            try:
+                finish_run(db, run_id, exit_status=int(code))
+            except HwrError as also:  # e.g. a full disk: the state fails too; report what failed first
+                log.error("%s", also)
             raise
         report.seconds = time.perf_counter() - started
         finish_run(db, run_id, exit_status=int(report.exit_code), planned=report.files_found, skipped=report.skipped)
     return report
+
+
+def check_inputs_exist(inputs: Iterable[Path]) -> None:
+    """Refuse to start when a named input is missing: an unmounted share must not look like a quiet night.
+
+    Raises:
+        InputFileError: naming every missing input (exit code 3); nothing has been read or written.
+    """
+    missing = [os.path.abspath(p) for p in inputs if not os.path.lexists(p)]
+    if missing:
+        raise InputFileError(
+            f"input not found: {', '.join(missing)} (an unmounted share or a typo in the config?); "
+            "nothing was read or written"
+        )
+
+
+def check_outputs_writable(options: Options) -> None:
+    """Create the output (and annotation) folder and write a test file in each, before any work.
+
+    Raises:
+        OutputError: naming the folder and the system's reason (exit code 5): read-only, no
+            permission, or no space left. (Without this check, the lock and state files in
+            ``OUT/.hwr-batch`` failed first and reported the state database, exit code 6.)
+    """
+    for what, directory in (("output", options.out_dir), ("annotation", options.annotate_dir)):
+        if directory is None:
+            continue
+        try:
+            check_writable(directory)
+        except OSError as e:
+            raise OutputError(f"{directory}: cannot write to the {what} folder ({e.strerror or e}); nothing was read") from None
 
 
 def _run(
@@ -495,10 +542,10 @@ def _run(
         tables = empty_tables()
     else:  # cumulative: every file's latest rows, carried over from earlier runs
         tables = read_tables(options.out_dir, options.fmt)
-        decisions = _redo_files_missing_from(tables, decisions)
+        decisions = _redo_files_whose_rows_do_not_match(tables, decisions)
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
-    # Named inputs that do not exist, and files that cannot even be stat-ed, are errors of this run.
+    # Folders that cannot be listed, and files that cannot even be stat-ed, are errors of this run.
     unreadable = [(Path(os.path.abspath(path)), "find", reason) for path, reason in problems]
     for d in decisions:
         if d.kind == "unreadable":
@@ -506,8 +553,8 @@ def _run(
             mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
     for path, _stage, reason in unreadable:
         _log_file_error(path, reason)
-    tables = _replace_rows(tables, [file_text(p) for p, _, _ in unreadable], errors=[
-        {"file": file_text(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
+    tables = _replace_rows(tables, [p for p, _, _ in unreadable], errors=[
+        {"file": str(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
     ])
     report.failed += len(unreadable)
     log.info(
@@ -537,7 +584,10 @@ def _run(
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
         # the next run need not redo it. (A failed write is not tried again: _flush takes the files first.)
         if unwritten.files:
-            _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+            try:
+                _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+            except HwrError as also:  # the first failure is the one to report
+                log.error("%s", also)
         raise
     if unwritten.files:
         _flush(tables, unwritten, todo, db, classifier, options, report, progress)
@@ -546,33 +596,66 @@ def _run(
     report.stale = len(stale_files(db, classifier.sha256))
 
 
-def _redo_files_missing_from(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
-    """Files the state records as done, with digits, whose rows are not in the tables read back
-    (the tables were deleted, or written in the other format): process them again, so the
-    cumulative tables never silently lose a file."""
-    present = set(tables["digits"]["file"])
+def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
+    """Files the state records as read whose rows in the tables read back are not what it recorded
+    (the tables were deleted, written in the other format, cut short by a partial restore, or
+    edited): process them again, so the cumulative tables never silently lose or keep wrong rows.
+
+    A done file must have as many digit rows as the digits recorded, and field rows whose digit
+    counts add up to as many; a failed file (not retried) must have its row in the errors table.
+    """
+    digit_rows = tables["digits"]["file"].value_counts().to_dict()
+    field_digits = tables["fields"].groupby("file")["digit_count"].sum().to_dict()
+    error_files = set(tables["errors"]["file"])
+    # A table cut inside a row lost every row from that row's file on (tables are sorted by file),
+    # even rows the counts cannot miss, such as the fields of a file that had no digits.
+    def cut(*names: str) -> str | None:
+        return min((c for n in names if (c := tables[n].attrs.get(CUT_SHORT_AT)) is not None), default=None)
+
+    cut_done, cut_failed = cut("digits", "fields"), cut("errors")  # done files have rows in those, failed ones here
     redone = []
     for d in decisions:
         previous = d.previous
-        if (
-            not d.process and d.kind == "done" and previous is not None and previous.digits
-            and not ({file_text(d.path), neutralise_cell(file_text(d.path))} & present)
-        ):
-            fingerprint = d.fingerprint
-            if fingerprint is not None and fingerprint.sha256 is None:  # unchanged since it was hashed
-                fingerprint = replace(fingerprint, sha256=previous.sha256)
-            d = replace(d, process=True, fingerprint=fingerprint)
+        if not d.process and previous is not None and d.kind in ("done", "stale-model", "failed"):
+            keys = {file_text(d.path), neutralise_cell(file_text(d.path))}
+            if previous.status == "done":
+                recorded = previous.digits or 0
+                matches = recorded == sum(digit_rows.get(k, 0) for k in keys) == sum(field_digits.get(k, 0) for k in keys)
+                cut_at = cut_done
+            else:
+                matches = bool(keys & error_files)
+                cut_at = cut_failed
+            if not matches or (cut_at is not None and max(keys) >= cut_at):
+                d = _redo(d)
         redone.append(d)
+    count = sum(1 for old, new in zip(decisions, redone) if new.process and not old.process)
+    if count:
+        log.warning(
+            "%d file(s) read again: their rows in the output tables are not what the state database records "
+            "(tables deleted, cut short, or edited)", count,
+        )
     return redone
 
 
+def _redo(decision: Decision) -> Decision:
+    """``decision`` turned into "process it", with the content hash marking the file needs."""
+    fingerprint, previous = decision.fingerprint, decision.previous
+    if fingerprint is not None and fingerprint.sha256 is None:
+        if previous is not None and previous.sha256 is not None:  # unchanged since it was hashed
+            fingerprint = replace(fingerprint, sha256=previous.sha256)
+        else:  # it could not be read last time: hash it now
+            try:
+                fingerprint = with_sha256(decision.path, fingerprint)
+            except (OSError, UnstableFileError):
+                return decision
+    return replace(decision, process=True, fingerprint=fingerprint)
+
+
 def file_text(path: Path) -> str:
-    """A file name as the tables hold it: bytes that are not UTF-8 shown as \\xNN, and control
-    characters a spreadsheet cannot hold (all but tab, newline, carriage return) as "?"."""
-    return _CONTROL_CHARACTERS.sub("?", os.fsencode(path).decode("utf-8", "backslashreplace"))
-
-
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+    """A file name as the tables hold it (:func:`~hwr_batch.atomic.display_path`): bytes that are
+    not UTF-8 and control characters escaped, in a form that never shows two names alike, so the
+    tables key each file's rows on it."""
+    return display_path(path)
 
 
 def _log_file_error(path: Path, reason: str) -> None:
@@ -633,19 +716,19 @@ def _classify_batch(
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
     error_rows = [
-        {"file": file_text(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
+        {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
     ]
     for r in readings:
         if r.error:
             _log_file_error(r.path, r.error[1])
-    tables = _replace_rows(tables, [file_text(r.path) for r in readings], digit_rows, field_rows, error_rows)
+    tables = _replace_rows(tables, [r.path for r in readings], digit_rows, field_rows, error_rows)
     if options.annotate_dir:
         started = time.perf_counter()
         annotate_files(good, digit_rows, field_rows, options)
         report.stage_seconds["write"] += time.perf_counter() - started
     # Keep only what marking the files needs: their normalised images can be freed now.
     digits_per_file = Counter(row["file"] for row in digit_rows)
-    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[file_text(r.path)]) for r in readings)
+    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[str(r.path)]) for r in readings)
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
     return tables
@@ -689,13 +772,14 @@ def _flush(
 
 def _replace_rows(
     tables: dict[str, pd.DataFrame],
-    files: list[str],
+    files: list[Path],
     digits: list[dict] = (),
     fields: list[dict] = (),
     errors: list[dict] = (),
 ) -> dict[str, pd.DataFrame]:
     """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
-    keys = set(files) | {neutralise_cell(f) for f in files}  # tables read back hold neutralised names
+    keys = {file_text(f) for f in files}
+    keys |= {neutralise_cell(k) for k in keys}  # tables read back hold neutralised names
     new = {"digits": digits, "fields": fields, "errors": errors}
     out = {}
     for name, frame in tables.items():

@@ -43,7 +43,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -333,6 +333,8 @@ def _describe(path: Path, e: sqlite3.Error) -> str:
         )
     if "readonly" in text or "unable to open" in text:
         return f"cannot write the state database {path} ({text}); check its permissions and free space"
+    if "full" in text or "disk I/O error" in text:
+        return f"cannot write the state database {path} ({text}); check the free space on its disk"
     if "locked" in text or "busy" in text:
         return f"the state database {path} stayed locked by another process for {BUSY_TIMEOUT_MS // 1000} s"
     return f"state database {path}: {text}"
@@ -620,7 +622,7 @@ def _os_error(e: OSError) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _UPSERT = """

@@ -22,9 +22,10 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -113,14 +114,14 @@ class _Page:
         self.rules: list[list[int]] = []
 
     def mm(self, v: float) -> int:
-        return int(round(v * self.px_mm))
+        return round(v * self.px_mm)
 
     def text(self, s: str, x: int, y_top: int, cap_mm: float, font: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """Print ``s`` with its cap top at ``y_top``; return its ink box (x, y, w, h)."""
         cap_px = cap_mm * self.px_mm
         (_, h1), _ = cv2.getTextSize("H", font, 1.0, 1)
         scale = cap_px / h1
-        thick = max(1, int(round(cap_px * rng.uniform(0.07, 0.11))))
+        thick = max(1, round(cap_px * rng.uniform(0.07, 0.11)))
         (tw, th), base = cv2.getTextSize(s, font, scale, thick)
         org = (x, y_top + th)
         cv2.putText(self.img, s, org, font, scale, 0, thick, cv2.LINE_AA)
@@ -146,7 +147,7 @@ def _digit_ink(digits: LabelledImages, index: int) -> np.ndarray:
 def _scaled_digit(ink: np.ndarray, height: int) -> np.ndarray:
     """Scale a cropped MNIST digit to ``height`` px and sharpen it a little, like a pen stroke."""
     h, w = ink.shape
-    width = max(2, int(round(w * height / h)))
+    width = max(2, round(w * height / h))
     big = cv2.resize(ink, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.clip((big - 0.12) * 1.6, 0.0, 1.0)
 
@@ -182,7 +183,7 @@ def _write_digits(
     out = []
     for i in range(n):
         idx = int(rng.integers(len(digits)))
-        h = max(8, int(round(height * rng.uniform(0.9, 1.1))))
+        h = max(8, round(height * rng.uniform(0.9, 1.1)))
         alpha = _scaled_digit(_digit_ink(digits, idx), h)
         x, y = place(i, alpha)
         box = _draw_digit(page, alpha, x, y, ink_gray)
@@ -198,7 +199,7 @@ def _field_plain(page: _Page, rng: np.random.Generator, digits: LabelledImages, 
     box_h = int(dh * rng.uniform(1.35, 1.7))
     # Pre-draw the digits off-page to know their widths, then size the box to fit.
     idxs = rng.integers(len(digits), size=n)
-    sizes = [max(8, int(round(dh * rng.uniform(0.9, 1.1)))) for _ in range(n)]
+    sizes = [max(8, round(dh * rng.uniform(0.9, 1.1))) for _ in range(n)]
     alphas = [_scaled_digit(_digit_ink(digits, int(i)), s) for i, s in zip(idxs, sizes)]
     gaps = [dh * (rng.uniform(-0.06, 0.0) if rng.random() < spec.touch_prob else rng.uniform(0.1, 0.4)) for _ in range(n)]
     pad_l = int(dh * rng.uniform(0.2, 0.7))
@@ -254,7 +255,7 @@ def _field_comb(page: _Page, rng: np.random.Generator, digits: LabelledImages, s
     for i in range(n):
         idx = int(rng.integers(len(digits)))
         src = _digit_ink(digits, idx)
-        h = max(8, int(round(dh_c * rng.uniform(0.9, 1.1))))
+        h = max(8, round(dh_c * rng.uniform(0.9, 1.1)))
         # Writers shrink a wide digit to fit its cell (mostly).
         h = min(h, max(8, int(h * 0.95 * cw / max(1.0, src.shape[1] * h / src.shape[0]))))
         a = _scaled_digit(src, h)
@@ -296,8 +297,8 @@ def _field_line(page: _Page, rng: np.random.Generator, digits: LabelledImages, s
 
     drawn = _write_digits(page, rng, digits, n, dh, place)
     line_w = max(line_w, cursor[0] - x + int(dh * 0.3))
-    if line_w > max_w:  # went too long: let it run (real writers overrun too), but keep the rule on the page
-        line_w = max_w
+    # Went too long: let it run (real writers overrun too), but keep the rule on the page.
+    line_w = min(line_w, max_w)
     page.rule(x, x + line_w, y_line, thick)
     page.rules.pop()  # the rule is the field's, not a separator
     page.fields.append({"kind": "line", "bbox": [x, y, line_w, zone_h + thick], "cells": 1, "digits": drawn})
@@ -317,7 +318,7 @@ def _layout_form(page: _Page, rng: np.random.Generator, digits: LabelledImages, 
     form_no = f"Form {int(rng.integers(2, 99))}-{'ABCDEFGH'[int(rng.integers(8))]}"
     (fw, _), _ = cv2.getTextSize(form_no, font, 1.0, 1)
     cap = rng.uniform(3.0, 4.0)
-    (hw, hh), _ = cv2.getTextSize("H", font, 1.0, 1)
+    (_hw, hh), _ = cv2.getTextSize("H", font, 1.0, 1)
     page.text(form_no, right - int(fw * cap * page.px_mm / hh) - page.mm(2), y, cap, font, rng)
     y = title[1] + title[3] + page.mm(rng.uniform(3, 6))
     page.rule(left, right, y, max(2, page.mm(0.4)))
@@ -389,7 +390,7 @@ def _transform_box(box: Sequence[int], m: np.ndarray, size: tuple[int, int]) -> 
     W, H = size
     x0, y0 = np.clip(out.min(axis=0), 0, [W, H])
     x1, y1 = np.clip(out.max(axis=0), 0, [W, H])
-    return [int(math.floor(x0)), int(math.floor(y0)), int(math.ceil(x1 - x0)), int(math.ceil(y1 - y0))], out.round(1).tolist()
+    return [math.floor(x0), math.floor(y0), math.ceil(x1 - x0), math.ceil(y1 - y0)], out.round(1).tolist()
 
 
 def _scan(img: np.ndarray, rng: np.random.Generator, scan: ScanSpec, dpi: int, angle: float) -> tuple[np.ndarray, np.ndarray]:
@@ -450,7 +451,7 @@ def make_form(
         (x, y, w, h) axis-aligned in page pixels, ``corners``, ``cells``, ``text``, ``digits``: each
         ``label``, ``bbox``, ``mnist_index``) and ``printed`` (each ``text``, ``bbox``, ``corners``).
     """
-    W, H = int(round(A4_MM[0] / MM_PER_INCH * dpi)), int(round(A4_MM[1] / MM_PER_INCH * dpi))
+    W, H = round(A4_MM[0] / MM_PER_INCH * dpi), round(A4_MM[1] / MM_PER_INCH * dpi)
     page = _Page(W, H, dpi)
     _layout_form(page, rng, digits, spec)
     angle = float(rng.uniform(-scan.max_skew_deg, scan.max_skew_deg)) if skew_deg is None else float(skew_deg)

@@ -195,7 +195,7 @@ def with_fragments(
     from .fragments import make_fragments
 
     targets = np.eye(num_classes, dtype=np.float32)[y]
-    count = int(round(config.fragments * len(x)))
+    count = round(config.fragments * len(x))
     if count == 0:
         return x, targets
     rng = np.random.default_rng([config.seed, 1])
@@ -370,7 +370,7 @@ def start_from(model: keras.Model, path: Path) -> None:
 
     try:
         base = keras.models.load_model(path, compile=False)
-    except Exception as e:  # Keras raises many types for unreadable files
+    except Exception as e:  # noqa: BLE001 - Keras raises many types for unreadable files
         raise ModelError(f"{path}: cannot load the model to start from ({e})") from None
 
     shapes = [[w.shape for w in layer.get_weights()] for layer in model.layers]

@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -106,7 +107,7 @@ def _truth_cuts(field, truth: dict) -> list[np.ndarray]:
     return out
 
 
-def pages_generated(args) -> "iter":
+def pages_generated(args) -> Iterator[tuple[str, np.ndarray, dict]]:
     data_dir = args.data_dir or os.environ.get("HWR_BATCH_MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist"
     digits = load_mnist("test", Path(data_dir))
     lo, hi = args.dpi
@@ -117,7 +118,7 @@ def pages_generated(args) -> "iter":
         yield f"page_{k:04d}", img, truth
 
 
-def pages_from_dir(folder: Path) -> "iter":
+def pages_from_dir(folder: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
     from hwr_batch.load import iter_pages
 
     for js in sorted(folder.glob("page_*.json")):

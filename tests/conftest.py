@@ -81,6 +81,7 @@ def cli():
     def run(*args: str | os.PathLike, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
         return subprocess.run(
             [sys.executable, "-m", "hwr_batch", *map(str, args)],
+            check=False,  # the tests look at the exit code
             cwd=cwd,
             env={**os.environ, **(env or {})},
             capture_output=True,
@@ -132,3 +133,28 @@ def confident_digits(mnist_test_small, shipped_model) -> dict[int, list[int]]:
         if all(p.argmax() == label and p.max() > 0.99 for p in (raw[i], again[i])):
             good[int(label)].append(i)
     return good
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs: ``tmpfs(folder, size="1m", read_only=False)``; unmounted after the test.
+
+    A real full disk or read-only file system, as a share or a backup disk gives them. Needs root
+    (the suite runs as root in CI); skips the test where mounting is not allowed.
+    """
+    mounted = []
+
+    def mount(folder: Path, *, size: str = "1m", read_only: bool = False) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (",ro" if read_only else "")
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=False, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-
-from hwr_batch.align import REJECT, aligned_examples, align_label, refused_pieces, segment_labelled
-from hwr_batch.segment import DigitCrop, FieldCandidates, Unit, read_field
-
 from conftest import digit_strip
+
+from hwr_batch.align import REJECT, align_label, aligned_examples, refused_pieces, segment_labelled
+from hwr_batch.segment import DigitCrop, FieldCandidates, Unit, read_field
 
 NO_INK = np.zeros((0, 0), np.float32)
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import fixture_idx
+
 from hwr_batch.errors import ExitCode
 
 
@@ -108,3 +108,47 @@ def test_process_option_defaults_are_the_python_api_defaults():
     }
     for cli_name, api_name in pairs.items():
         assert cli_defaults[cli_name] == getattr(api, api_name), (cli_name, api_name)
+
+
+def test_fatal_errors_reach_the_log_file_and_json_logs(cli, tmp_path):
+    import os
+
+    from hwr_batch.runlock import acquire_lock
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.png").write_bytes(b"")
+    log_file = tmp_path / "nightly.log"
+    missing = cli("--json-logs", "--log-file", log_file, "process", scans, "--model", tmp_path / "gone.onnx",
+                  "--out", tmp_path / "out")
+    assert missing.returncode == ExitCode.model, missing.stderr
+    entries = [json.loads(line) for line in missing.stderr.splitlines()]  # every line is JSON
+    assert [e["level"] for e in entries] == ["ERROR"] and "gone.onnx: cannot read model" in entries[0]["message"]
+    assert json.loads(log_file.read_text().splitlines()[-1]) == entries[0]
+    os.remove(log_file)
+    with acquire_lock(tmp_path / "out" / ".hwr-batch"):  # another run holds the lock
+        held = cli("--log-file", log_file, "process", scans, "--out", tmp_path / "out")
+    assert held.returncode == ExitCode.lock_held, held.stderr
+    assert "ERROR hwr-batch: error: another hwr-batch run holds the lock" in log_file.read_text()
+
+
+@pytest.mark.parametrize("setting", ["max-megapixels = nan", "max-megapixels = inf", "min-confidence = -inf"])
+def test_a_config_setting_that_is_not_a_finite_number_is_refused(cli, tmp_path, setting):
+    (tmp_path / "scans").mkdir()
+    config = tmp_path / "nightly.toml"
+    config.write_text(f'[process]\ninputs = ["scans"]\n{setting}\n')
+    result = cli("process", "--config", config, "--out", tmp_path / "out")
+    assert result.returncode == ExitCode.bad_args, result.stderr
+    name = setting.split(" = ")[0]
+    assert f"nightly.toml: setting '{name}' must be a finite number" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_that_are_not_finite_numbers_are_refused_by_the_api():
+    """The command line refuses nan itself (typer's range check); the Python API must too."""
+    from hwr_batch.config import Options
+    from hwr_batch.errors import BadArgsError
+
+    for name in ("max_megapixels", "min_confidence"):
+        with pytest.raises(BadArgsError, match=f"--{name.replace('_', '-')} must be a finite number, got nan"):
+            Options(inputs=("scans",), **{name: float("nan")}).validated()

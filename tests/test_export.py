@@ -9,8 +9,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-import hwr_batch.export as export
-import hwr_batch.pipeline as pipeline
+from hwr_batch import export, pipeline
 from hwr_batch.config import Options
 from hwr_batch.export import read_tables, to_frame, write_tables
 

@@ -9,7 +9,6 @@ import json
 import cv2
 import numpy as np
 import pytest
-
 from conftest import SHIPPED_ONNX, digit_strip
 
 pytest.importorskip("tensorflow")

@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import fixture_idx
+
 from hwr_batch.errors import DatasetError
 from hwr_batch.mnist import MNIST_FILES, download_mnist, load_idx_pair, load_mnist, read_idx, verify_mnist
 

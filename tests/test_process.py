@@ -91,7 +91,6 @@ def test_process_reads_forms_in_every_format(forms, tmp_path, cli):
 
 def test_whole_mode_reads_a_single_field_crop(tmp_path, mnist_test_small, confident_digits, cli):
     import cv2
-
     from conftest import digit_strip
 
     indices = [confident_digits[d][1] for d in (3, 1, 4, 1, 5)]

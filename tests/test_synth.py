@@ -57,7 +57,7 @@ def test_truth_boxes_follow_the_skew(mnist_test_small):
 
 
 def test_line_style(mnist_test_small):
-    img, truth = make_form(np.random.default_rng(4), mnist_test_small, dpi=200, spec=FormSpec(style="lines"))
+    _img, truth = make_form(np.random.default_rng(4), mnist_test_small, dpi=200, spec=FormSpec(style="lines"))
     assert truth["style"] == "lines" and {f["kind"] for f in truth["fields"]} == {"line"}
 
 

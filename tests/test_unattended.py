@@ -18,8 +18,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import digit_strip
+
+from hwr_batch.atomic import display_path
 from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables
 
@@ -61,15 +62,15 @@ def scans(tmp_path_factory, mnist_test_small, confident_digits):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, scans):
     """The outputs of one uninterrupted run over `scans`."""
-    folder, truth = scans
+    folder, _truth = scans
     out = tmp_path_factory.mktemp("reference")
-    result = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return read_tables(out)
 
 
 def test_uninterrupted_run_reads_every_scan(scans, reference):
-    folder, truth = scans
+    _folder, truth = scans
     read = dict(zip(reference["fields"]["file"], reference["fields"]["digits"]))
     assert read == truth
     assert len(reference["digits"]) == sum(map(len, truth.values()))
@@ -77,7 +78,7 @@ def test_uninterrupted_run_reads_every_scan(scans, reference):
 
 
 def test_rerun_with_nothing_new_reprocesses_nothing(tmp_path, scans, cli):
-    folder, truth = scans
+    folder, _truth = scans
     out = tmp_path / "out"
     first = cli("process", folder, "--out", out, "--jobs", "1")
     assert first.returncode == 0, first.stderr
@@ -119,7 +120,7 @@ def test_second_run_exits_at_once_with_the_lock_code(tmp_path, mnist_test_small,
     # Pause the first run while it holds the lock, so that it cannot finish before the second starts.
     first.send_signal(signal.SIGSTOP)
     try:
-        second = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=120)
+        second = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=120)
     finally:
         first.send_signal(signal.SIGCONT)
     first_stderr = first.communicate(timeout=300)[1]
@@ -195,7 +196,7 @@ def test_sigkill_at_several_points_loses_and_duplicates_nothing(tmp_path, scans,
     marked = files_done(out)
     assert check_partial_outputs(out, reference) >= marked  # a file is marked done only once its rows are on disk
     assert marked < 12
-    rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{12 - marked} to process" in rerun.stderr
     assert canonical(read_tables(out)) == canonical(reference)
@@ -220,7 +221,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path, mnist_test_sm
     partial = fields_by_file(out)
     assert 0 < len(partial) < 40
     assert partial == {path: truth[path] for path in partial}  # what was written is complete and right
-    rerun = subprocess.run(process_command(folder, out), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{40 - len(partial)} to process" in rerun.stderr
     assert fields_by_file(out) == truth
@@ -243,8 +244,8 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     add("corrupt.jpg", "truncated or corrupt").write_bytes(jpeg[:300] + bytes(200) + b"\xff\xd9")
     add("notes.png", "not an image or PDF").write_text("this is a text file with an image suffix\n")
     add("broken.pdf", "broken PDF").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n%%EOF\n")
-    from pypdf import PdfWriter
     from PIL import Image
+    from pypdf import PdfWriter
 
     locked = PdfWriter()
     locked.add_blank_page(595, 842)
@@ -306,7 +307,7 @@ def test_a_folder_of_bad_files_fails_only_those(tmp_path, mnist_test_small, conf
         assert Path(path).name in result.stderr  # and a log line names it
     fields = tables["fields"]
     read = fields.groupby("file")["digits"].apply(lambda s: "|".join(s)).to_dict()
-    expected = {path: digits if not path.endswith(".tif") else "427|427" for path, digits in good.items()}
+    expected = {display_path(path): digits if not path.endswith(".tif") else "427|427" for path, digits in good.items()}
     assert read == expected
     assert (out / "digits.csv").read_text(encoding="utf-8").count("palette_ß_東京.png") == 3
 
@@ -324,6 +325,66 @@ def test_tables_deleted_or_format_switched_are_rebuilt(tmp_path, mnist_test_smal
     xlsx = cli("process", folder, "--out", out, "--jobs", "1", "--format", "xlsx")
     assert xlsx.returncode == 0 and "3 to process" in xlsx.stderr
     assert dict(zip(*read_tables(out, "xlsx")["fields"][["file", "digits"]].T.values)) == truth
+
+
+def test_tables_cut_short_are_detected_and_their_files_read_again(tmp_path, scans, reference, cli):
+    """A partial restore: each table cut, one inside a row (a junk row), one at a row's end."""
+    folder, _ = scans
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    digits = (out / "digits.csv").read_bytes()
+    (out / "digits.csv").write_bytes(digits[: len(digits) // 2])  # ends inside a row
+    fields = (out / "fields.csv").read_bytes().splitlines(keepends=True)
+    (out / "fields.csv").write_bytes(b"".join(fields[:-3]))  # the last three rows lost, at a line end
+    result = cli("process", folder, "--out", out, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "read again: their rows in the output tables are not what the state database records" in result.stderr
+    assert "0 to process" not in result.stderr
+    assert canonical(read_tables(out)) == canonical(reference)  # nothing lost, no junk row kept
+    again = cli("process", folder, "--out", out, "--jobs", "1")
+    assert "0 to process, 12 already done" in again.stderr, again.stderr
+
+
+def test_a_table_cut_inside_a_row_redoes_every_file_after_the_cut(tmp_path, mnist_test_small, confident_digits, cli):
+    """Fields without digits: no count can miss their rows, but the cut says where rows were lost."""
+    folder = tmp_path / "scans"
+    write_scans(folder, mnist_test_small, confident_digits, 3, seed=13)
+    for name in ("z_blank_1.png", "z_blank_2.png"):  # sorted last: one field each, no digit ("no digits found")
+        cv2.imwrite(str(folder / name), np.full((60, 200), 235, np.uint8))
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    whole = read_tables(out)
+    assert whole["fields"]["file"].str.contains("z_blank").sum() == 2
+    data = (out / "fields.csv").read_bytes()
+    last_two = data.rstrip(b"\n").rsplit(b"\n", 2)
+    (out / "fields.csv").write_bytes(last_two[0] + b"\n" + last_two[1][:20])  # cut inside the first blank's row
+    result = cli("process", folder, "--out", out, "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "3 to process" in result.stderr, result.stderr  # the blanks, and the last whole row's file
+    assert canonical(read_tables(out)) == canonical(whole)
+
+
+def test_a_failed_files_lost_error_row_comes_back(tmp_path, cli):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "junk.png").write_text("not an image\n")
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out).returncode == ExitCode.partial_failure
+    (out / "errors.csv").write_text("file,page,stage,reason\n")  # restored from before the failure
+    result = cli("process", folder, "--out", out)
+    assert result.returncode == ExitCode.partial_failure, result.stderr
+    assert read_tables(out)["errors"]["file"].tolist() == [str((folder / "junk.png").absolute())]
+
+
+def test_an_unreadable_workbook_is_an_output_error_with_advice(tmp_path, scans, cli):
+    folder, _ = scans
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.xlsx").write_bytes(b"PK\x03\x04" + bytes(300))  # a workbook cut short
+    result = cli("process", folder, "--out", out, "--format", "xlsx")
+    assert result.returncode == ExitCode.output, result.stderr
+    assert "results.xlsx: cannot read the results table back" in result.stderr and "move it aside" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, mnist_test_small, confident_digits, cli):
@@ -355,6 +416,80 @@ def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli)
     bad = cli("process", "--config", config)
     assert bad.returncode == ExitCode.bad_args
     assert "nightly.toml: setting 'inputs' must be a list of paths" in bad.stderr
+
+
+def test_a_missing_input_root_is_an_input_error_before_any_work(tmp_path, scans, cli):
+    folder, _ = scans
+    out = tmp_path / "out"
+    unmounted = tmp_path / "share" / "incoming"
+    result = cli("process", folder, unmounted, "--out", out)
+    assert result.returncode == ExitCode.input_file, result.stderr
+    assert f"input not found: {unmounted}" in result.stderr
+    assert not out.exists()  # no empty tables, no state: nothing that looks like a quiet night
+    config = tmp_path / "nightly.toml"
+    config.write_text(f'[process]\ninputs = ["{folder}", "share/incoming"]\nout = "out"\n')
+    from_config = cli("process", "--config", config)
+    assert from_config.returncode == ExitCode.input_file, from_config.stderr
+    assert f"input not found: {unmounted}" in from_config.stderr and not out.exists()
+
+
+def test_a_read_only_output_folder_is_an_output_error(tmp_path, scans, cli, tmpfs):
+    folder, _ = scans
+    read_only = tmpfs(tmp_path / "backup", read_only=True)
+    for out in (read_only, read_only / "results"):
+        result = cli("process", folder, "--out", out)
+        assert result.returncode == ExitCode.output, result.stderr  # was 6: the lock file failed first
+        assert f"{out}: cannot write to the output folder (Read-only file system)" in result.stderr
+
+
+def test_a_full_disk_is_an_output_error_and_keeps_the_tables(tmp_path, scans, cli, tmpfs):
+    folder, _ = scans
+    disk = tmpfs(tmp_path / "disk", size="1m")
+    out = disk / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    before = canonical(read_tables(out))
+    with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:
+            pass
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(folder / "scan_000.png", extra / "new.png")
+    result = cli("process", folder, extra, "--out", out, "--jobs", "1")
+    assert result.returncode == ExitCode.output, result.stderr  # was 6: the state database failed first
+    assert f"{out}: cannot write to the output folder (No space left on device)" in result.stderr
+    assert canonical(read_tables(out)) == before
+
+
+def test_an_unwritable_annotation_folder_is_an_output_error(tmp_path, scans, cli, tmpfs):
+    folder, _ = scans
+    pages = tmpfs(tmp_path / "pages", read_only=True)
+    out = tmp_path / "out"
+    result = cli("process", folder, "--out", out, "--annotate", pages / "today")
+    assert result.returncode == ExitCode.output, result.stderr  # was 0, with a warning
+    assert "cannot write to the annotation folder (Read-only file system)" in result.stderr
+    assert files_done(out) == 0
+
+
+def test_files_are_never_marked_done_without_their_annotations(tmp_path, scans, cli, tmpfs):
+    from hwr_batch.annotate import annotation_path
+
+    folder, truth = scans
+    pages = tmpfs(tmp_path / "pages", size="24k")  # room for a few annotations, not for twelve
+    out = tmp_path / "out"
+    result = cli("process", folder, "--out", out, "--annotate", pages, "--jobs", "1", "--batch-digits", "8")
+    assert result.returncode == ExitCode.output, result.stderr
+    assert "cannot write the annotation (No space left on device)" in result.stderr
+    database = sqlite3.connect(out / ".hwr-batch" / "state.sqlite3")
+    try:
+        done = [Path(row[0]) for row in database.execute("SELECT path FROM files WHERE status = 'done'")]
+    finally:
+        database.close()
+    assert 0 < len(done) < len(truth)
+    for path in done:
+        assert annotation_path(pages, path, 1).is_file(), path
 
 
 def _processes_reading(path: Path) -> list[int]:
