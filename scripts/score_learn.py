@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, "-m", "hwr_batch", "learn", str(corrections), "--out", str(model_dir),
                "--model", str(args.model), "--mnist-dir", str(args.mnist_dir)]
     print(" ".join(command), flush=True)
-    learnt = subprocess.run(command, capture_output=True, text=True)
+    learnt = subprocess.run(command, check=False, capture_output=True, text=True)
     print(learnt.stdout.strip())
     if learnt.returncode != 0:
         print(learnt.stderr[-3000:], file=sys.stderr)
