@@ -532,7 +532,7 @@ def train_on_real(
         real: the labelled field sets.
         rounds: alignment-and-training rounds.
         start_model: the ``.onnx`` model of the first alignment, whose ``.keras`` twin the first round
-            starts from (default: the shipped model).
+            starts from (default: the shipped model) when ``config.architecture`` is the original design.
         jobs: processes for segmenting the fields.
         forms: also this many generated form pages (:mod:`hwr_batch.synth`) of MNIST *training* digits,
             whose fields are aligned like the real ones: the wrong cuts of MNIST-style digits.
@@ -571,9 +571,11 @@ def train_on_real(
         )
         target = out_dir if round_number == rounds else out_dir / f"round-{round_number}"
         sources.append({"aligned_with": str(current), "round": round_number, "of": rounds})
+        # Each round starts from the last one; the first from the start model, if it is of the same design.
+        same_design = round_number > 1 or config.architecture == "original"
         result = train(
             target, data_dir=data_dir, config=config, name=name, extra=extra,
-            init_from=current.with_suffix(".keras"), sources=sources,
+            init_from=current.with_suffix(".keras") if same_design else None, sources=sources,
         )
         current = result.onnx_path
     assert result is not None
