@@ -313,6 +313,13 @@ def train(
                      help="original: the original design's CNN (424,810 parameters for 10 classes); wide: 64 "
                      "filters in the second convolution, dropout (about twice the multiply-adds)."),
     ] = "original",
+    schedule: Annotated[
+        str,
+        typer.Option(metavar="plateau|cosine",
+                     help="plateau: halve the learning rate when the validation loss stalls, stop early, keep the "
+                     "best epoch; cosine: a fixed decay over --epochs, keep the last (for --real, whose 'not a "
+                     "digit' examples make the validation loss too noisy to choose an epoch by)."),
+    ] = "plateau",
     name: Annotated[str, typer.Option(help="Base name of the output files.")] = "hwr-digits",
     images: Annotated[
         Path | None, typer.Option(help="Train on this IDX images file instead of MNIST (needs --labels; e.g. EMNIST letters).")
@@ -351,6 +358,8 @@ def train(
         raise BadArgsError("--images and --labels go together")
     if architecture not in ("original", "wide"):
         raise BadArgsError(f"--architecture must be original or wide, not {architecture!r}")
+    if schedule not in ("plateau", "cosine"):
+        raise BadArgsError(f"--schedule must be plateau or cosine, not {schedule!r}")
     if real and images is not None:
         raise BadArgsError("--real trains a digit model on MNIST plus real fields; it does not go with --images")
     data = load_idx_pair(images, labels) if images is not None else None
@@ -364,6 +373,7 @@ def train(
         augment=augment,
         fragments=fragments,
         architecture=architecture,
+        schedule=schedule,
         limit=limit,
     )
     if real:

@@ -54,6 +54,9 @@ class TrainConfig:
     # Off by default: it helps on generated forms but costs a lot on real scans (models/MODEL_CARD.md).
     fragments: float = 0.0
     architecture: str = "original"  # see build_model
+    # "plateau": halve the learning rate when the validation loss stalls, stop early, keep the best epoch;
+    # "cosine": a fixed cosine decay over all epochs, keep the last (train_on_real's choice).
+    schedule: str = "plateau"
     limit: int | None = None  # train on the first `limit` images only (tests, quick looks)
 
 
@@ -297,22 +300,33 @@ def train(
     model = build_model(num_classes, config.architecture)
     if init_from is not None:
         start_from(model, Path(init_from))
+    if config.schedule == "cosine":
+        # A fixed schedule: the learning rate falls from its start to min_learning_rate over all epochs,
+        # and the last epoch's weights are kept. With "not a digit" examples in the validation split, its
+        # loss is too noisy to pick an epoch by.
+        steps = config.epochs * math.ceil(len(x_fit) / config.batch_size)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, steps, alpha=config.min_learning_rate / config.learning_rate
+        )
+        callbacks = [_EpochLog.make()]
+    else:
+        learning_rate = config.learning_rate
+        callbacks = [
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=config.lr_patience, min_lr=config.min_learning_rate
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=config.early_stop_patience, restore_best_weights=True
+            ),
+            _EpochLog.make(),
+        ]
     model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss="categorical_crossentropy",
         # On digits only: validation has no fragments. (With --fragments, training accuracy also scores
         # each fragment's uniform target as class 0, so only val_accuracy is a digit accuracy.)
         metrics=["accuracy"],
     )
-    callbacks = [
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.lr_patience, min_lr=config.min_learning_rate
-        ),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.early_stop_patience, restore_best_weights=True
-        ),
-        _EpochLog.make(),
-    ]
     show_bar = sys.stderr.isatty() if progress is None else progress
     fit = model.fit(
         make_dataset(x_fit, t_fit, config, training=True),
@@ -327,7 +341,8 @@ def train(
     keras_path = save_for_inference(model, out_dir / f"{name}.keras")
     labels = labels_for(num_classes)
     onnx_path = export_onnx(model, out_dir / f"{name}.onnx", labels=labels)
-    best = int(np.argmin(history["val_loss"]))
+    # The epoch whose weights were kept: the last one on a fixed schedule, the best one with early stopping.
+    best = len(history["loss"]) - 1 if config.schedule == "cosine" else int(np.argmin(history["val_loss"]))
     record = {
         "model": name,
         "architecture": _architecture(model),
