@@ -12,7 +12,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -288,6 +288,10 @@ def train(
         checksums = verify_mnist(data_dir, SPLIT_FILES["train"])
         data = load_mnist("train", data_dir, verify=False)
     keras.utils.set_random_seed(config.seed)
+    requested = config  # as given, for the record
+    if config.limit:  # the first `limit` base images; extra images all come on top
+        data = LabelledImages(data.images[: config.limit], data.labels[: config.limit], data.source)
+        config = replace(config, limit=None)
     mnist_images = len(data)
     if extra is not None and len(extra):
         data = LabelledImages(
@@ -360,7 +364,7 @@ def train(
             "train_fragments": len(x_fit) - len(y_train),
             "validation_images": len(y_val),
         },
-        "config": asdict(config),
+        "config": asdict(requested),
         "epochs_run": len(history["loss"]),
         "best_epoch": best + 1,
         "best_val_accuracy": history["val_accuracy"][best],

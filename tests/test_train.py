@@ -74,3 +74,35 @@ def test_short_training_run_learns_and_writes_its_outputs(tmp_path, mnist_train_
     expected = model.predict(images, verbose=0)
     onnx_probabilities = predict_proba(load_classifier(result.onnx_path), images)
     np.testing.assert_allclose(onnx_probabilities, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_on_real_fields_gives_a_model_with_a_reject_class(cli, tmp_path, mnist_dir, mnist_test_small):
+    """`train --real`: labelled field crops are aligned, and the model learns 'not a digit' from the refused cuts."""
+    import csv
+
+    import cv2
+    from conftest import digit_strip
+
+    folder = tmp_path / "fields"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    with open(folder / "truth.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "digits"])
+        for k in range(30):
+            picks = [int(i) for i in rng.choice(len(mnist_test_small), 2, replace=False)]
+            cv2.imwrite(str(folder / "images" / f"{k}.png"), digit_strip(mnist_test_small, picks, gap=0))
+            writer.writerow([f"images/{k}.png", "".join(str(int(mnist_test_small.labels[i])) for i in picks)])
+    out = tmp_path / "model"
+    result = cli("train", "--out", out, "--data-dir", mnist_dir, "--real", f"{folder}[:25]*2", "--rounds", "1",
+                 "--epochs", "1", "--limit", "2000", "--schedule", "cosine")
+    assert result.returncode == 0, result.stderr
+    classifier = load_classifier(out / "hwr-digits.onnx")
+    assert classifier.rejects and classifier.labels == "0123456789"
+    record = json.loads((out / "hwr-digits.json").read_text())
+    real = record["data"]["sources"][0]
+    assert real["set"] == f"{folder}[:25]*2" and real["fields"] == 25 and real["repeat"] == 2
+    assert real["aligned"] > 0 and real["digits"] > 0 and real["rejects"] > 0
+    assert record["data"]["extra_images"] == 2 * (real["digits"] + real["rejects"])
+    assert record["data"]["base_images"] == 2000 and record["parameters"] == 425_323
