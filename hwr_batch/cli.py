@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .errors import ExitCode, HwrError
+from .errors import ExitCode, HwrError, require_training_extra
 
 log = logging.getLogger("hwr_batch")
 
@@ -346,7 +346,10 @@ def train(
                      "starting weights). Default: the shipped model.", dir_okay=False),
     ] = None,
 ) -> None:
-    """Train the CNN (MNIST digits by default); write NAME.keras, NAME.onnx, NAME.json (run record), NAME-curves.png."""
+    """Train the CNN (MNIST digits by default); write NAME.keras, NAME.onnx, NAME.json (run record), NAME-curves.png.
+
+    Needs the training extra: pip install 'hwr-batch[train]'.
+    """
     from .errors import BadArgsError
     from .mnist import load_idx_pair
 
@@ -492,7 +495,10 @@ def export_onnx(
     keras_model: Annotated[Path, typer.Argument(help="A .keras model saved by `hwr-batch train`.", exists=True, dir_okay=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="The .onnx file. Default: beside the .keras file.")] = None,
 ) -> None:
-    """Convert a trained .keras model to ONNX, which `process` and `evaluate` run without TensorFlow."""
+    """Convert a trained .keras model to ONNX, which `process` and `evaluate` run without TensorFlow.
+
+    Needs the training extra: pip install 'hwr-batch[train]'.
+    """
     require_training_extra("export-onnx")
     from .train import export_onnx as run_export
 
@@ -506,20 +512,6 @@ def download_mnist(data_dir: DataDirOption = None) -> None:
     from .mnist import download_mnist as run_download
 
     typer.echo(str(run_download(data_dir)))
-
-
-def require_training_extra(command: str) -> None:
-    """Fail with advice when TensorFlow (the ``train`` extra) is not installed: reading scans does not need it."""
-    import importlib.util
-
-    missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
-    if missing:
-        from .errors import ModelError
-
-        raise ModelError(
-            f"`hwr-batch {command}` needs {' and '.join(missing)}, which reading scans does not: "
-            "install the training extra with  pip install 'hwr-batch[train]'"
-        )
 
 
 def main() -> None:
