@@ -272,7 +272,10 @@ def _kill_pool(pool: ProcessPoolExecutor) -> None:
 
 
 def _worker_pool(jobs: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker)
+    context = multiprocessing.get_context("forkserver")
+    # Takes effect when the forkserver starts (the first pool): it ignores SIGTERM and dies with this process.
+    context.set_forkserver_preload(["__main__", "hwr_batch._forkserver"])
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
 
 
 def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
@@ -288,16 +291,20 @@ def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
         _kill_pool(pool)
 
 
-def _init_worker() -> None:
-    """Each worker is single-threaded (the parallelism is across files) and leaves signals to the main process.
+def _init_worker(main_pid: int) -> None:
+    """Each worker is single-threaded (the parallelism is across files), leaves signals to the main process,
+    and ends when the main process ends, however it ends (a SIGKILL too).
 
     Ctrl-C and systemd's SIGTERM reach every process of the group; the main process decides to
     stop after the files in hand, and shuts the pool down itself.
     """
     import signal
 
+    from ._lifeline import exit_when_gone
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_when_gone(main_pid)
     cv2.setNumThreads(1)
 
 
