@@ -95,6 +95,23 @@ class Options:
         )
 
 
+    def result_settings(self) -> dict[str, object]:
+        """The options that change what is read from a file (not how fast, nor where it goes), by name."""
+        return {name: getattr(self, name) for name in RESULT_SETTINGS}
+
+    def settings_sha(self) -> str:
+        """A hash of :meth:`result_settings`, recorded with each file: a file read with other settings is stale."""
+        import hashlib
+        import json
+
+        text = json.dumps(self.result_settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Options that change results; a change is treated like a change of model (stale, redone with --reprocess-stale).
+RESULT_SETTINGS = ("field_mode", "min_confidence", "pdf_dpi")
+
+
 def option_names() -> list[str]:
     """Names of the options, as a config file spells them."""
     return [f.name for f in fields(Options)]

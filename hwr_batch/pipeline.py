@@ -428,7 +428,7 @@ class BatchReport:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         return (
             f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped, "
-            f"{self.failed} failed, {self.stale} done with another model; {self.pages} pages, {self.fields} fields, "
+            f"{self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
             f"{self.digits} digits, {self.flagged_fields} fields flagged; {self.seconds:.1f}s "
             f"({self.pages_per_second:.2f} pages/s; {stages})"
         )
@@ -474,7 +474,7 @@ def run_batch(
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
         db = stack.enter_context(open_state(options.state_dir / STATE_DB_NAME))
-        run_id = begin_run(db, model_sha=classifier.sha256)
+        run_id = begin_run(db, model_sha=classifier.sha256, settings_sha=options.settings_sha())
         report.run_id = run_id
         try:
             _run(files, problems, options, classifier, db, report, should_stop, progress)
@@ -537,8 +537,9 @@ def _run(
         remove_stale_temp_files(options.out_dir)
     decisions = plan(
         db, files, model_sha=classifier.sha256, force=options.force, retry_failed=options.retry_failed,
-        reprocess_stale=options.reprocess_stale,
+        reprocess_stale=options.reprocess_stale, settings_sha=options.settings_sha(),
     )
+    _log_stale(decisions, options)
     if options.per_run:  # this run's rows only, in a folder of their own (never an earlier run's)
         out_dir = options.out_dir / f"run-{run_id:05d}"
         suffix = 1
@@ -600,7 +601,19 @@ def _run(
         _flush(tables, unwritten, todo, db, classifier, options, report, progress)
     if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
         report.outputs = _write(tables, options)
-    report.stale = len(stale_files(db, classifier.sha256))
+    report.stale = len(stale_files(db, classifier.sha256, options.settings_sha()))
+
+
+def _log_stale(decisions: list[Decision], options: Options) -> None:
+    """Say how many files were read with another model, or other settings, and whether they are redone."""
+    counts = Counter(d.kind for d in decisions if d.kind in ("stale-model", "stale-settings"))
+    what = {"stale-model": "another model", "stale-settings": "other settings that change results"}
+    for kind, count in sorted(counts.items()):
+        now = ""
+        if kind == "stale-settings":
+            now = " (now " + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in options.result_settings().items()) + ")"
+        action = "redone" if options.reprocess_stale or options.force else "kept: --reprocess-stale redoes them"
+        log.warning("%d files were read with %s%s: stale, %s", count, what[kind], now, action)
 
 
 def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
@@ -623,7 +636,7 @@ def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisio
     redone = []
     for d in decisions:
         previous = d.previous
-        if not d.process and previous is not None and d.kind in ("done", "stale-model", "failed"):
+        if not d.process and previous is not None and d.kind in ("done", "stale-model", "stale-settings", "failed"):
             keys = {file_text(d.path), neutralise_cell(file_text(d.path))}
             if previous.status == "done":
                 recorded = previous.digits or 0
@@ -768,7 +781,7 @@ def _flush(
         else:
             mark_done(
                 db, path, decision.fingerprint, model_sha=classifier.sha256, pages=pages, digits=digits,
-                run_id=report.run_id,
+                run_id=report.run_id, settings_sha=options.settings_sha(),
             )
             report.processed += 1
             report.pages += pages

@@ -599,3 +599,32 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_leaves_no_process(tmp_pa
     assert left == []
     partial = fields_by_file(out)
     assert partial == {path: truth[path] for path in partial}
+
+
+def test_a_change_of_settings_is_counted_stale_and_redone_on_request(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 3, seed=15)
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    fields = read_tables(out)["fields"]
+    assert not fields["flagged"].any()  # confidently read digits: nothing flagged at 0.8
+
+    strict = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0")
+    assert strict.returncode == 0, strict.stderr
+    assert "3 files were read with other settings that change results" in strict.stderr
+    assert "min-confidence=1.0" in strict.stderr and "--reprocess-stale redoes them" in strict.stderr
+    assert "0 to process" in strict.stderr and "3 stale" in strict.stderr
+    assert not read_tables(out)["fields"]["flagged"].any()  # kept as read
+    (out / "fields.csv").unlink()  # a stale file is still checked against the tables
+    (out / "digits.csv").unlink()
+    rebuilt = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0")
+    assert "3 to process" in rebuilt.stderr and fields_by_file(out) == truth
+
+    redone = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "0.9", "--reprocess-stale")
+    assert redone.returncode == 0, redone.stderr
+    assert "3 to process" in redone.stderr and "0 stale" in redone.stderr
+    assert fields_by_file(out) == truth
+    strict = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0", "--reprocess-stale")
+    assert "3 to process" in strict.stderr and read_tables(out)["fields"]["flagged"].all()
+    again = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0")
+    assert "0 to process" in again.stderr and "other settings" not in again.stderr
