@@ -26,16 +26,20 @@ FIELD_COLUMNS = (
     "digits", "digit_count", "min_confidence", "flagged", "flag_reason",
 )
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {"digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS}
+# One row per page read, so that a page with no field, a blank page or a dead scan is visible too.
+PAGE_COLUMNS = ("file", "page", "fields", "digit_count", "flagged_fields", "status", "dpi")
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS, "pages": PAGE_COLUMNS,
+}
 # Whole-number columns: kept integer (nullable Int64) whatever a table read back holds, so they never turn float.
-INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count")
-TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason")
+INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count", "fields", "flagged_fields")
+TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason", "status")
 FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
 
 def empty_tables() -> dict[str, pd.DataFrame]:
-    """The three tables with their columns and no rows."""
+    """The tables (digits, fields, errors, pages) with their columns and no rows."""
     return {name: pd.DataFrame(columns=list(columns)) for name, columns in TABLE_COLUMNS.items()}
 
 
@@ -67,7 +71,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def output_paths(out_dir: Path, fmt: str) -> dict[str, Path]:
-    """Where each table goes: ``digits.csv``/``fields.csv``/``errors.csv``, or sheets of ``results.xlsx``."""
+    """Where each table goes: ``digits.csv``/``fields.csv``/``errors.csv``/``pages.csv``, or sheets of ``results.xlsx``."""
     out_dir = Path(out_dir)
     if fmt == "xlsx":
         return {name: out_dir / "results.xlsx" for name in TABLE_COLUMNS}
@@ -81,7 +85,7 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
     neutralised with a leading apostrophe.
 
     Args:
-        tables: ``{"digits": df, "fields": df, "errors": df}``.
+        tables: ``{"digits": df, "fields": df, "errors": df, "pages": df}`` (any of them).
         out_dir: an existing or creatable folder.
         fmt: ``"csv"`` (one UTF-8 file per table) or ``"xlsx"`` (one workbook, a sheet per table;
             a table longer than a sheet holds continues on sheets "digits (2)", "digits (3)", ...).
@@ -156,6 +160,8 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         try:
             if fmt == "xlsx":
                 frame = _read_sheets(path, name, text_columns)
+                if frame is None:  # a workbook written before this table existed
+                    continue
             else:
                 frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
                 if len(frame) and not _ends_with_newline(path):  # cut inside its last row
@@ -200,6 +206,7 @@ REQUIRED_INTEGERS = {
     "digits": [c for c in DIGIT_COLUMNS if c in INTEGER_COLUMNS],
     "fields": [c for c in FIELD_COLUMNS if c in INTEGER_COLUMNS],
     "errors": [],  # page is empty when the whole file failed
+    "pages": [c for c in PAGE_COLUMNS if c in INTEGER_COLUMNS],
 }
 
 
@@ -215,10 +222,13 @@ def _ends_with_newline(path: Path) -> bool:
 _RAW_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame:
-    """Table ``name`` of a workbook: its sheet and any continuation sheets ("name (2)", ...), in order."""
+def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame | None:
+    """Table ``name`` of a workbook: its sheet and any continuation sheets ("name (2)", ...), in order;
+    None if the workbook has no such sheet."""
     continuation = re.compile(rf"{re.escape(name)} \((\d+)\)")
     with pd.ExcelFile(path, engine="openpyxl") as workbook:
+        if name not in workbook.sheet_names:
+            return None
         numbered = {int(m[1]): s for s in workbook.sheet_names if (m := continuation.fullmatch(s))}
         sheets = [name] + [numbered[n] for n in sorted(numbered)]
         frames = [

@@ -77,12 +77,19 @@ class FieldReading:
 
 @dataclass(frozen=True)
 class PageReading:
-    """The fields of one page."""
+    """The fields of one page.
+
+    Attributes:
+        dpi: the resolution the page was read at (from the file, or guessed from its size).
+        blank: ``"blank"`` or ``"all black"`` for a page of one tone (a dead scan), else ``""``.
+    """
 
     index: int
     fields: tuple[FieldReading, ...]
     shape: tuple[int, int]
     skew_degrees: float
+    dpi: float = 0.0
+    blank: str = ""
 
 
 @dataclass
@@ -171,7 +178,24 @@ def _read_page(
         # The field image is the box plus a margin; its interior starts at `inner` within it.
         origin = (x - inner_x, y - inner_y)
         fields.append(FieldReading(found.bbox, origin, found.kind, candidates.without_ink(scale), first))
-    return PageReading(index, tuple(fields), gray.shape[:2], layout.angle)
+    return PageReading(index, tuple(fields), gray.shape[:2], layout.angle, layout.dpi, _one_tone(gray))
+
+
+def _one_tone(gray: np.ndarray) -> str:
+    """``"blank"`` or ``"all black"`` if the page holds no visible ink at all (a dead or empty scan), else ``""``."""
+    factor = max(gray.shape) / 600
+    small = cv2.resize(gray, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA) if factor > 1 else gray
+    paper = float(np.median(small))
+    marked = np.count_nonzero(np.abs(small.astype(np.int16) - paper) > ONE_TONE_CONTRAST)
+    if marked > ONE_TONE_MAX_MARKS * small.size:
+        return ""
+    return "all black" if paper < 128 else "blank"
+
+
+# A page is of one tone when fewer than this share of its pixels (at ~600 px) differ from its median
+# grey by more than ONE_TONE_CONTRAST levels: a single printed word on an A4 page is well above it.
+ONE_TONE_CONTRAST = 48
+ONE_TONE_MAX_MARKS = 1e-4
 
 
 def segmenting_scale(layout: Layout) -> float:
@@ -364,6 +388,34 @@ def classify_readings(
                 )
         offset += len(reading.images)
     return digit_rows, field_rows, seconds
+
+
+def page_rows(readings: list[FileReading], field_rows: list[dict]) -> list[dict]:
+    """One row per page of ``readings``: fields, digits and flagged fields on it, its status and dpi.
+
+    Status: ``read``, ``no digits`` (fields, but nothing in them), ``no fields``, ``blank`` or ``all black``.
+    """
+    per_page: dict[tuple[str, int], list[dict]] = {}
+    for row in field_rows:
+        per_page.setdefault((row["file"], row["page"]), []).append(row)
+    rows = []
+    for reading in readings:
+        file = str(reading.path)  # the exact name, as the other tables' rows (to_frame escapes it)
+        for page in reading.pages:
+            fields = per_page.get((file, page.index + 1), [])
+            digits = sum(row["digit_count"] for row in fields)
+            if page.blank:
+                status = page.blank
+            elif not fields:
+                status = "no fields"
+            else:
+                status = "read" if digits else "no digits"
+            rows.append({
+                "file": file, "page": page.index + 1, "fields": len(fields), "digit_count": digits,
+                "flagged_fields": sum(bool(row["flagged"]) for row in fields), "status": status,
+                "dpi": round(page.dpi, 1),
+            })
+    return rows
 
 
 def field_flags(found: FieldReading, chosen: list[int], top, *, min_confidence: float) -> list[str]:
@@ -741,7 +793,9 @@ def _classify_batch(
     for r in readings:
         if r.error:
             _log_file_error(r.path, r.error[1])
-    tables = _replace_rows(tables, [r.path for r in readings], digit_rows, field_rows, error_rows)
+    tables = _replace_rows(
+        tables, [r.path for r in readings], digit_rows, field_rows, error_rows, page_rows(good, field_rows)
+    )
     if options.annotate_dir:
         started = time.perf_counter()
         annotate_files(good, digit_rows, field_rows, options)
@@ -796,11 +850,12 @@ def _replace_rows(
     digits: list[dict] = (),
     fields: list[dict] = (),
     errors: list[dict] = (),
+    pages: list[dict] = (),
 ) -> dict[str, pd.DataFrame]:
     """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
     keys = {file_text(f) for f in files}
     keys |= {neutralise_cell(k) for k in keys}  # tables read back hold neutralised names
-    new = {"digits": digits, "fields": fields, "errors": errors}
+    new = {"digits": digits, "fields": fields, "errors": errors, "pages": pages}
     out = {}
     for name, frame in tables.items():
         kept = frame[~frame["file"].isin(keys)] if len(frame) else frame
@@ -814,4 +869,7 @@ def _write(tables: dict[str, pd.DataFrame], options: Options) -> list[Path]:
     return write_tables(ordered, options.out_dir, options.fmt)
 
 
-SORT_KEYS = {"digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"]}
+SORT_KEYS = {
+    "digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"],
+    "pages": ["file", "page"],
+}

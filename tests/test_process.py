@@ -102,3 +102,35 @@ def test_whole_mode_reads_a_single_field_crop(tmp_path, mnist_test_small, confid
     digits = pd.read_csv(tmp_path / "out" / "digits.csv", dtype={"digit": str})
     assert digits["digit"].tolist() == list("31415") and digits["position"].tolist() == [1, 2, 3, 4, 5]
     assert (digits["x"].diff().dropna() > 0).all()  # left to right
+
+
+def test_every_page_read_has_a_row_in_the_pages_table(tmp_path, cli):
+    """A page with no field, an all-black page and a blank scan used to leave no trace in any table."""
+    import cv2
+    import numpy as np
+
+    from conftest import REPO
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "white.png"), np.full((3508, 2480), 245, np.uint8))
+    cv2.imwrite(str(folder / "black.png"), np.full((3508, 2480), 8, np.uint8))
+    text_only = np.full((3508, 2480), 240, np.uint8)
+    cv2.putText(text_only, "PRINTED TITLE", (300, 300), cv2.FONT_HERSHEY_SIMPLEX, 3, 20, 6)
+    cv2.imwrite(str(folder / "text only.png"), text_only)
+    form = REPO / "samples" / "page_0001.png"
+    (folder / "form.png").write_bytes(form.read_bytes())
+    for fmt in ("csv", "xlsx"):
+        out = tmp_path / fmt
+        result = cli("process", folder, "--out", out, "--format", fmt, "--jobs", "1")
+        assert result.returncode == 0, result.stderr
+        tables = read_tables(out, fmt)
+        pages = tables["pages"].set_index("file")
+        status = {Path(f).name: s for f, s in pages["status"].items()}
+        assert status == {"white.png": "blank", "black.png": "all black", "text only.png": "no fields", "form.png": "read"}
+        row = pages.loc[str((folder / "form.png").absolute())]
+        fields = tables["fields"]
+        assert row["fields"] == len(fields) and row["digit_count"] == fields["digit_count"].sum()
+        assert row["flagged_fields"] == fields["flagged"].sum() and row["page"] == 1
+        assert 190 < row["dpi"] < 210  # the sample is a 200 dpi A4 page
+    assert (tmp_path / "csv" / "pages.csv").is_file()
