@@ -176,6 +176,11 @@ def process(
         Path | None, typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
     ] = None,
     pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="Resolution at which PDF pages are rendered.")] = 300,
+    dpi: Annotated[
+        float | None,
+        typer.Option(min=50, max=2400, help="Resolution of every scan (not PDFs), whatever its file says. Default: the "
+                     "file's tag, unless it is missing or implausible for the page's size; then estimated from the size."),
+    ] = None,
     max_megapixels: Annotated[float, typer.Option(min=1.0, help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
     state_dir: Annotated[
         Path | None,
@@ -227,6 +232,7 @@ def process(
         field_mode=params["fields"],
         min_confidence=float(params["min_confidence"]),
         pdf_dpi=int(params["pdf_dpi"]),
+        dpi=float(params["dpi"]) if params["dpi"] is not None else None,
         max_megapixels=float(params["max_megapixels"]),
         jobs=int(params["jobs"]),
         annotate_dir=Path(params["annotate"]) if params["annotate"] else None,

@@ -32,7 +32,7 @@ from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
 from .export import CUT_SHORT_AT, empty_tables, read_tables, to_frame, write_tables
-from .layout import Field, Layout, analyse_page
+from .layout import Field, Layout, analyse_page, choose_dpi
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
@@ -102,6 +102,7 @@ class FileReading:
         images: (N, 28, 28) float32: every candidate digit of every field, normalised.
         error: (stage, reason) if the file could not be read completely.
         seconds: time spent per stage.
+        notes: things the main process should log (a resolution tag ignored, per page).
     """
 
     path: Path
@@ -109,6 +110,7 @@ class FileReading:
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
     error: tuple[str, str] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class ReadSettings:
     field_mode: str = "auto"
     pdf_dpi: int = 300
     max_megapixels: float = 200.0
+    dpi: float | None = None  # resolution of every scan (not PDF), whatever its tag says
 
 
 def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReading:
@@ -139,9 +142,14 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
             if page is None:
                 break
             stage = "layout"
-            reading.pages.append(_read_page(page.gray, page.index, page.dpi, settings, images, seconds))
+            dpi = page.dpi if page.rendered else settings.dpi
+            if dpi is None:
+                dpi, why = choose_dpi(page.dpi, page.gray.shape)
+                if why:
+                    reading.notes.append(f"page {page.index + 1}: {why} (--dpi sets it)")
+            reading.pages.append(_read_page(page.gray, page.index, dpi, settings, images, seconds))
     except HwrError as e:
-        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds)
+        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes)
     except Exception as e:  # a bug or an image that breaks OpenCV: report the file, keep the run going
         log.debug("%s: unexpected error in %s", path, stage, exc_info=True)
         return FileReading(Path(path), error=(stage, f"{path}: {type(e).__name__}: {e}"), seconds=seconds)
@@ -623,7 +631,7 @@ def _run(
     )
     if progress:
         progress.start(len(todo))
-    settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels)
+    settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels, options.dpi)
     pending: list[FileReading] = []
     pending_digits = 0
     unwritten = _Unwritten()
@@ -791,6 +799,8 @@ def _classify_batch(
         {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
     ]
     for r in readings:
+        for note in r.notes:
+            log.warning("%s: %s", r.path, note)
         if r.error:
             _log_file_error(r.path, r.error[1])
     tables = _replace_rows(

@@ -102,7 +102,7 @@ def test_process_option_defaults_are_the_python_api_defaults():
     api = Options(inputs=())
     pairs = {
         "out": "out_dir", "fmt": "fmt", "per_run": "per_run", "fields": "field_mode",
-        "min_confidence": "min_confidence", "pdf_dpi": "pdf_dpi", "max_megapixels": "max_megapixels",
+        "min_confidence": "min_confidence", "pdf_dpi": "pdf_dpi", "dpi": "dpi", "max_megapixels": "max_megapixels",
         "jobs": "jobs", "force": "force", "retry_failed": "retry_failed", "reprocess_stale": "reprocess_stale",
         "batch_digits": "batch_digits",
     }

@@ -134,3 +134,33 @@ def test_every_page_read_has_a_row_in_the_pages_table(tmp_path, cli):
         assert row["flagged_fields"] == fields["flagged"].sum() and row["page"] == 1
         assert 190 < row["dpi"] < 210  # the sample is a 200 dpi A4 page
     assert (tmp_path / "csv" / "pages.csv").is_file()
+
+
+def test_a_wrong_resolution_tag_is_ignored_and_logged_and_dpi_overrides_it(tmp_path, mnist_test_small, cli):
+    """The same pixels tagged 600 dpi lost 8 of 10 fields, tagged 72 dpi read 12 empty ones, untagged TIFF lost all."""
+    from PIL import Image
+
+    from hwr_batch.synth import write_forms
+
+    (page,) = write_forms(tmp_path / "gen", 1, seed=3, digits=mnist_test_small, formats=("png",), dpi=300)
+    image = Image.open(page)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image.save(folder / "right.png", dpi=(300, 300))
+    image.save(folder / "tagged 600.png", dpi=(600, 600))
+    image.save(folder / "tagged 72.png", dpi=(72, 72))
+    image.save(folder / "untagged.tif")  # Pillow reads (1, 1): no resolution unit
+    result = cli("process", folder, "--out", tmp_path / "out", "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    tables = read_tables(tmp_path / "out")
+    read = tables["fields"].groupby("file")["digits"].apply(list).to_dict()
+    right = read.pop(str((folder / "right.png").absolute()))
+    assert len(right) >= 10 and all(fields == right for fields in read.values()), read
+    assert set(tables["pages"]["dpi"]) == {300.0}
+    for name, tag in (("tagged 600.png", 600), ("tagged 72.png", 72), ("untagged.tif", 1)):
+        assert f"{name}: page 1: its {tag} dpi tag" in result.stderr
+    assert "right.png: page" not in result.stderr
+
+    forced = cli("process", folder / "right.png", "--out", tmp_path / "forced", "--jobs", "1", "--dpi", "600")
+    assert forced.returncode == 0 and "dpi tag" not in forced.stderr
+    assert read_tables(tmp_path / "forced")["pages"]["dpi"].tolist() == [600.0]
