@@ -7,12 +7,13 @@ that need them, so ``hwr-batch --help`` starts fast. Exceptions become exit code
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -20,6 +21,11 @@ from . import __version__
 from .errors import ExitCode, HwrError, require_training_extra
 
 log = logging.getLogger("hwr_batch")
+
+# Allowed values, restated here (config imports OpenCV and pandas); a test keeps them equal to export.FORMATS
+# and layout.MODES. As Literal types, --help lists them and a wrong one is a usage error.
+FormatChoice = Literal["csv", "xlsx"]
+FieldChoice = Literal["auto", "boxes", "whole", "lines"]
 
 app = typer.Typer(
     name="hwr-batch",
@@ -38,7 +44,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _global_options(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv for debug).")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="A log line per file (-vv: debug detail too).")
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     log_file: Annotated[
         Path | None, typer.Option(envvar="HWR_BATCH_LOG_FILE", help="Also append log lines to this file.", dir_okay=False)
@@ -56,6 +64,8 @@ def _global_options(
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     configure_logging(level, log_file=log_file, json_lines=json_logs)
+    # One line per file only with -v: a nightly run over thousands of files logs its summary, not each file.
+    logging.getLogger("hwr_batch.files").setLevel(logging.NOTSET if verbose and not quiet else logging.WARNING)
 
 
 class TextFormatter(logging.Formatter):
@@ -133,7 +143,10 @@ def process(
     ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None,
-        typer.Argument(help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False),
+        typer.Argument(
+            help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False,
+            metavar="SCANS...",
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -144,7 +157,11 @@ def process(
         Path, typer.Option("--out", "-o", envvar="HWR_BATCH_OUT", help="Folder for digits.csv, fields.csv, errors.csv (or results.xlsx).")
     ] = Path("hwr-results"),
     fmt: Annotated[
-        str, typer.Option("--format", "-f", envvar="HWR_BATCH_FORMAT", help="csv: three CSV files; xlsx: one workbook, a sheet per table.")
+        FormatChoice,
+        typer.Option(
+            "--format", "-f", envvar="HWR_BATCH_FORMAT",
+            help="csv: a CSV file per table; xlsx: one workbook, a sheet per table.",
+        ),
     ] = "csv",
     per_run: Annotated[
         bool,
@@ -156,7 +173,7 @@ def process(
     ] = False,
     model: ModelOption = None,
     fields: Annotated[
-        str,
+        FieldChoice,
         typer.Option(
             "--fields",
             help="Where digits are read. auto: inside printed boxes if the page has any, else the whole image if it is "
@@ -165,23 +182,35 @@ def process(
     ] = "auto",
     min_confidence: Annotated[
         float,
-        typer.Option(min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", help="Digits the model is less sure of are flagged for review."),
+        typer.Option(
+            min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", metavar="0..1",
+            help="Digits the model is less sure of are flagged for review.",
+        ),
     ] = 0.8,
-    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Skip files or folders matching this glob (repeatable; case-insensitive).")] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(metavar="GLOB", help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(metavar="GLOB", help="Skip files or folders matching this glob (repeatable; case-insensitive)."),
+    ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", help="Worker processes for reading pages; 0 = one per core.")
+        int,
+        typer.Option(
+            "--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", metavar="N", help="Worker processes for reading pages; 0 = one per core."
+        ),
     ] = 0,
     annotate: Annotated[
         Path | None, typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
     ] = None,
-    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="Resolution at which PDF pages are rendered.")] = 300,
+    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, metavar="50..1200", help="Resolution at which PDF pages are rendered.")] = 300,
     dpi: Annotated[
         float | None,
-        typer.Option(min=50, max=2400, help="Resolution of every scan (not PDFs), whatever its file says. Default: the "
+        typer.Option(min=50, max=2400, metavar="50..2400", help="Resolution of every scan (not PDFs), whatever its file says. Default: the "
                      "file's tag, unless it is missing or implausible for the page's size; then estimated from the size."),
     ] = None,
-    max_megapixels: Annotated[float, typer.Option(min=1.0, help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
+    max_megapixels: Annotated[float, typer.Option(min=1.0, metavar="MP", help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
     state_dir: Annotated[
         Path | None,
         typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database and run lock. Default: OUT/.hwr-batch.", file_okay=False),
@@ -199,8 +228,16 @@ def process(
             help="Redo files read with a different model (otherwise only counted as stale).",
         ),
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune/--no-prune",
+            help="Drop the rows and state records of files deleted from an input folder. A folder none of whose "
+            "recorded files is left (an unmounted share) prunes nothing.",
+        ),
+    ] = False,
     batch_digits: Annotated[
-        int, typer.Option(min=1, help="Digits gathered per model call; outputs are also rewritten after each such batch.")
+        int, typer.Option(min=1, metavar="N", help="Digits gathered per model call; outputs are also rewritten after each such batch.")
     ] = 4096,
 ) -> int:
     """Read the handwritten digits in scanned forms and write them as tables.
@@ -240,6 +277,7 @@ def process(
         force=bool(params["force"]),
         retry_failed=bool(params["retry_failed"]),
         reprocess_stale=bool(params["reprocess_stale"]),
+        prune=bool(params["prune"]),
         batch_digits=int(params["batch_digits"]),
     )
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
@@ -520,12 +558,38 @@ def download_mnist(data_dir: DataDirOption = None) -> None:
     typer.echo(str(run_download(data_dir)))
 
 
+GLOBAL_FLAGS = frozenset({"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose", "--json-logs"})
+GLOBAL_VALUE_OPTIONS = frozenset({"--log-file"})
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with the global options (-q, -v, --log-file, --json-logs) that follow the command moved before it,
+    so that ``hwr-batch process DIR -v`` works as ``hwr-batch -v process DIR`` does. Stops at ``--``."""
+    commands = {command.name or command.callback.__name__ for command in app.registered_commands}
+    position = next((i for i, arg in enumerate(args) if arg in commands), None)
+    if position is None:
+        return args
+    hoisted, rest = [], []
+    tail = iter(args[position + 1 :])
+    for arg in tail:
+        if arg == "--":
+            rest += [arg, *tail]
+            break
+        if arg in GLOBAL_FLAGS or arg.split("=", 1)[0] in GLOBAL_VALUE_OPTIONS and "=" in arg:
+            hoisted.append(arg)
+        elif arg in GLOBAL_VALUE_OPTIONS:
+            hoisted += [arg, *itertools.islice(tail, 1)]
+        else:
+            rest.append(arg)
+    return [*args[:position], *hoisted, args[position], *rest]
+
+
 def main() -> None:
     """Console entry point: run the app and turn every outcome into a documented exit code."""
     try:
         # Not standalone: typer.Exit and Ctrl-C come back as the exit code (130 for Ctrl-C),
         # usage errors and our own errors are raised, so they all meet here.
-        result = app(standalone_mode=False)
+        result = app(args=hoist_global_options(sys.argv[1:]), standalone_mode=False)
         code = result if isinstance(result, int) else ExitCode.ok
     except typer.TyperException as e:  # usage errors: print the usage hint and the reason
         e.show()

@@ -41,6 +41,7 @@ class Options:
         force: reprocess every file, even those already done with this model.
         retry_failed: reprocess files that failed before (otherwise they are skipped).
         reprocess_stale: reprocess files done with a different model (otherwise only counted as stale).
+        prune: drop the rows and records of files that no longer exist under an input folder.
         batch_digits: digits collected before one classification call.
     """
 
@@ -62,6 +63,7 @@ class Options:
     force: bool = False
     retry_failed: bool = False
     reprocess_stale: bool = False
+    prune: bool = False
     batch_digits: int = 4096
 
     def validated(self) -> Options:
@@ -176,7 +178,7 @@ CONFIG_TYPES: dict[str, str] = {
     "inputs": "paths", "out": "path", "fmt": "text", "per_run": "bool", "model": "path", "fields": "text",
     "min_confidence": "number", "include": "texts", "exclude": "texts", "jobs": "int", "annotate": "path",
     "pdf_dpi": "int", "dpi": "number", "max_megapixels": "number", "state_dir": "path", "force": "bool", "retry_failed": "bool",
-    "reprocess_stale": "bool", "batch_digits": "int",
+    "reprocess_stale": "bool", "prune": "bool", "batch_digits": "int",
 }
 CONFIG_ALIASES = {"format": "fmt", "output": "out", "out_dir": "out"}
 _TYPE_WORDS = {

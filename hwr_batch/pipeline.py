@@ -12,6 +12,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -43,15 +44,18 @@ from .state import (
     UnstableFileError,
     begin_run,
     finish_run,
+    forget,
     mark_done,
     mark_failed,
     open_state,
     plan,
+    recorded_files,
     stale_files,
     with_sha256,
 )
 
 log = logging.getLogger(__name__)
+file_log = logging.getLogger("hwr_batch.files")  # one line per file; shown with -v (see cli)
 
 STAGES = ("load", "layout", "segment", "normalise", "classify", "write")
 
@@ -103,6 +107,7 @@ class FileReading:
         error: (stage, reason) if the file could not be read completely.
         seconds: time spent per stage.
         notes: things the main process should log (a resolution tag ignored, per page).
+        error_page: the 1-based page the error is on (None: the file as a whole).
     """
 
     path: Path
@@ -111,6 +116,7 @@ class FileReading:
     error: tuple[str, str] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    error_page: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,14 +155,26 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
                     reading.notes.append(f"page {page.index + 1}: {why} (--dpi sets it)")
             reading.pages.append(_read_page(page.gray, page.index, dpi, settings, images, seconds))
     except HwrError as e:
-        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes)
+        page_number = _failed_page(stage, str(e), len(reading.pages))
+        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes, error_page=page_number)
     except Exception as e:  # a bug or an image that breaks OpenCV: report the file, keep the run going
         log.debug("%s: unexpected error in %s", path, stage, exc_info=True)
-        return FileReading(Path(path), error=(stage, f"{path}: {type(e).__name__}: {e}"), seconds=seconds)
+        reason = f"{path}: {type(e).__name__}: {e}"
+        page_number = _failed_page(stage, reason, len(reading.pages))
+        return FileReading(Path(path), error=(stage, reason), seconds=seconds, error_page=page_number)
     if images:
         reading.images = np.stack(images)
     reading.seconds = seconds
     return reading
+
+
+def _failed_page(stage: str, reason: str, pages_read: int) -> int | None:
+    """The 1-based page a file failed on: the one being read after ``pages_read`` good ones, except for a
+    failure to open the file at all (in ``load``, before any page, with no page named in the reason)."""
+    if stage != "load" or pages_read:
+        return pages_read + 1
+    named = re.search(r"\bpage (\d+)\b", reason)
+    return int(named[1]) if named else None
 
 
 def _read_page(
@@ -512,7 +530,7 @@ def run_batch(
         options: validated or not; see :class:`hwr_batch.config.Options`.
         should_stop: polled between files; when it returns True the run finishes the files
             already read, writes, and returns with ``interrupted`` set (SIGTERM/SIGINT).
-        progress: told how many files will be processed, then of each file's outcome.
+        progress: told how many files will be processed, then of each file as it is read.
 
     Raises:
         HwrError: for problems that stop the whole run (bad options, model, lock, state, output).
@@ -521,18 +539,19 @@ def run_batch(
     started = time.perf_counter()
     report = BatchReport()
     check_inputs_exist(options.inputs)
-    classifier = load_classifier(options.model)
-    check_outputs_writable(options)
-    # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
-    own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
-    files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
-    report.files_found = len(files)
+    check_outputs_writable(options)  # before the lock, whose file is in OUT: an unwritable OUT is exit 5
     # One lock on the state folder, and one on the output folder: two runs writing the same tables
-    # with different state folders would otherwise overwrite each other's rows.
+    # with different state folders would otherwise overwrite each other's rows. Taken first, so that
+    # a second run exits at once instead of loading the model and walking the inputs to no purpose.
     lock_dirs = dict.fromkeys([options.state_dir, options.out_dir / ".hwr-batch"])
     with ExitStack() as stack:
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
+        classifier = load_classifier(options.model)
+        # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
+        own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
+        files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
+        report.files_found = len(files)
         db = stack.enter_context(open_state(options.state_dir / STATE_DB_NAME))
         run_id = begin_run(db, model_sha=classifier.sha256, settings_sha=options.settings_sha())
         report.run_id = run_id
@@ -611,6 +630,10 @@ def _run(
     else:  # cumulative: every file's latest rows, carried over from earlier runs
         tables = read_tables(options.out_dir, options.fmt)
         decisions = _redo_files_whose_rows_do_not_match(tables, decisions)
+    pruned = _deleted_files(db, options.inputs) if options.prune else []
+    if pruned:
+        tables = _replace_rows(tables, pruned)
+        log.info("pruning %d files deleted from the input folders (their rows and records)", len(pruned))
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
     # Folders that cannot be listed, and files that cannot even be stat-ed, are errors of this run.
@@ -640,28 +663,54 @@ def _run(
         for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
             for stage, seconds in reading.seconds.items():
                 report.stage_seconds[stage] += seconds
+            if progress:  # as each file is read: writing waits for a batch, or longer (see _Unwritten)
+                progress.advance(reading.path, "failed" if reading.error else "read")
             pending.append(reading)
             pending_digits += len(reading.images)
             if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
                 tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
                 pending, pending_digits = [], 0
                 if unwritten.write_due():
-                    _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+                    _flush(tables, unwritten, todo, db, classifier, options, report)
         tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
     except Exception:
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
         # the next run need not redo it. (A failed write is not tried again: _flush takes the files first.)
         if unwritten.files:
             try:
-                _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+                _flush(tables, unwritten, todo, db, classifier, options, report)
             except HwrError as also:  # the first failure is the one to report
                 log.error("%s", also)
         raise
     if unwritten.files:
-        _flush(tables, unwritten, todo, db, classifier, options, report, progress)
-    if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
+        _flush(tables, unwritten, todo, db, classifier, options, report)
+    if not report.outputs or pruned:  # nothing to process: still leave valid (possibly empty) tables
         report.outputs = _write(tables, options)
+    if pruned:  # only now that the tables no longer hold them: a crash before this line prunes them next time
+        forget(db, pruned)
     report.stale = len(stale_files(db, classifier.sha256, options.settings_sha()))
+
+
+def _deleted_files(db: StateDB, inputs: Iterable[Path]) -> list[Path]:
+    """Recorded files that no longer exist, inside an input folder that does.
+
+    An input folder none of whose recorded files is left prunes nothing: that is an unmounted share
+    (its empty mount point) far more often than a deliberate deletion of everything.
+    """
+    roots = [Path(os.path.abspath(p)) for p in inputs if Path(p).is_dir()]
+    under: dict[Path, list[tuple[Path, bool]]] = {root: [] for root in roots}
+    for record in recorded_files(db):
+        root = next((r for r in roots if record.path.is_relative_to(r)), None)
+        if root is not None:
+            under[root].append((record.path, os.path.lexists(record.path)))
+    deleted = []
+    for root, files in under.items():
+        gone = [path for path, exists in files if not exists]
+        if gone and len(gone) == len(files):
+            log.warning("%s: none of the %d files recorded under it is left (an unmounted share?); not pruned", root, len(gone))
+        else:
+            deleted += gone
+    return deleted
 
 
 def _log_stale(decisions: list[Decision], options: Options) -> None:
@@ -767,7 +816,8 @@ class _Unwritten:
     minute or so. (1,000 pages to xlsx: 257 s -> 106 s.)
     """
 
-    files: list[tuple[Path, tuple[str, str] | None, int, int]] = field(default_factory=list)  # path, error, pages, digits
+    # path, error, pages, digits, fields, flagged fields
+    files: list[tuple[Path, tuple[str, str] | None, int, int, int, int]] = field(default_factory=list)
     last_write_ended: float = field(default_factory=time.perf_counter)
     last_write_seconds: float = 0.0
 
@@ -796,7 +846,8 @@ def _classify_batch(
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
     error_rows = [
-        {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
+        {"file": str(r.path), "page": r.error_page, "stage": r.error[0], "reason": r.error[1]}
+        for r in readings if r.error
     ]
     for r in readings:
         for note in r.notes:
@@ -812,7 +863,13 @@ def _classify_batch(
         report.stage_seconds["write"] += time.perf_counter() - started
     # Keep only what marking the files needs: their normalised images can be freed now.
     digits_per_file = Counter(row["file"] for row in digit_rows)
-    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[str(r.path)]) for r in readings)
+    fields_per_file = Counter(row["file"] for row in field_rows)
+    flagged_per_file = Counter(row["file"] for row in field_rows if row["flagged"])
+    unwritten.files.extend(
+        (r.path, r.error, len(r.pages), digits_per_file[key], fields_per_file[key], flagged_per_file[key])
+        for r in readings
+        for key in [str(r.path)]
+    )
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
     return tables
@@ -826,7 +883,6 @@ def _flush(
     classifier: Classifier,
     options: Options,
     report: BatchReport,
-    progress: Progress | None,
 ) -> None:
     """Write the tables, then mark the files classified since the last write as done (or failed)."""
     files, unwritten.files = unwritten.files, []
@@ -837,12 +893,17 @@ def _flush(
     report.stage_seconds["write"] += unwritten.last_write_seconds
     # Only now, with the outputs on disk, are the files marked: a crash before this line means
     # the next run processes them again and replaces (never duplicates) their rows.
-    for path, error, pages, digits in files:
+    for path, error, pages, digits, fields, flagged in files:
         decision = todo[path]
         if error:
             mark_failed(db, path, decision.fingerprint, stage=error[0], reason=error[1], run_id=report.run_id)
             report.failed += 1
+            file_log.info("%s: failed in %s", path, error[0])
         else:
+            file_log.info(
+                "%s: done (%s): %d pages, %d fields, %d digits, %d fields flagged",
+                path, decision.kind, pages, fields, digits, flagged,
+            )
             mark_done(
                 db, path, decision.fingerprint, model_sha=classifier.sha256, pages=pages, digits=digits,
                 run_id=report.run_id, settings_sha=options.settings_sha(),
@@ -850,8 +911,6 @@ def _flush(
             report.processed += 1
             report.pages += pages
             report.digits += digits
-        if progress:
-            progress.advance(path, "failed" if error else "done")
 
 
 def _replace_rows(

@@ -535,6 +535,13 @@ def stale_files(db: StateDB, model_sha: str, settings_sha: str | None = None) ->
     return [_record(r) for r in rows]
 
 
+def recorded_files(db: StateDB) -> list[FileRecord]:
+    """Every file the database has a record of, by path."""
+    with _errors(db):
+        rows = db.conn.execute(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY path").fetchall()
+    return [_record(r) for r in rows]
+
+
 def failed_files(db: StateDB) -> list[FileRecord]:
     """Files whose last processing failed, oldest first."""
     with _errors(db):

@@ -103,7 +103,7 @@ def test_process_option_defaults_are_the_python_api_defaults():
     pairs = {
         "out": "out_dir", "fmt": "fmt", "per_run": "per_run", "fields": "field_mode",
         "min_confidence": "min_confidence", "pdf_dpi": "pdf_dpi", "dpi": "dpi", "max_megapixels": "max_megapixels",
-        "jobs": "jobs", "force": "force", "retry_failed": "retry_failed", "reprocess_stale": "reprocess_stale",
+        "jobs": "jobs", "force": "force", "retry_failed": "retry_failed", "reprocess_stale": "reprocess_stale", "prune": "prune",
         "batch_digits": "batch_digits",
     }
     for cli_name, api_name in pairs.items():
