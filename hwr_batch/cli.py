@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
@@ -236,6 +237,13 @@ def process(
             "recorded files is left (an unmounted share) prunes nothing.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Only say what would be processed (stdout: one line per file, its reason and path); "
+            "write nothing, take no lock.",
+        ),
+    ] = False,
     batch_digits: Annotated[
         int, typer.Option(min=1, metavar="N", help="Digits gathered per model call; outputs are also rewritten after each such batch.")
     ] = 4096,
@@ -280,12 +288,80 @@ def process(
         prune=bool(params["prune"]),
         batch_digits=int(params["batch_digits"]),
     )
+    if dry_run:
+        return _dry_run(options)
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
         report = run_batch(options, should_stop=stop_requested, progress=progress)
     log.info("%s", report.summary())
     for path in report.outputs:
         typer.echo(str(path))
     return int(report.exit_code)
+
+
+def _dry_run(options) -> int:
+    """``process --dry-run``: the plan, on stdout, and its counts in the log."""
+    from .status import plan_run
+
+    run_plan = plan_run(options)
+    for decision in run_plan.to_process:
+        typer.echo(f"{decision.kind}\t{decision.path}")
+    counts = run_plan.counts()
+    processed = Counter(d.kind for d in run_plan.to_process)
+    skipped = counts - processed
+    for path, reason in run_plan.problems:
+        log.error("%s: %s", path, reason)
+    log.info(
+        "dry run: %d files found: %d to process (%s), %d not (%s); nothing was written",
+        len(run_plan.decisions), sum(processed.values()), _kinds(processed), sum(skipped.values()), _kinds(skipped),
+    )
+    return int(ExitCode.partial_failure if run_plan.problems or counts["unreadable"] else ExitCode.ok)
+
+
+def _kinds(counts) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
+
+
+@app.command()
+def status(
+    out: Annotated[Path, typer.Argument(help="The --out folder of the runs.", show_default=False, metavar="OUT")],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Scans to check for pending work (as given to process).", show_default=False, metavar="[SCANS]..."),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database. Default: OUT/.hwr-batch.", file_okay=False),
+    ] = None,
+) -> int:
+    """What the state database says: files done, failed and stale, the last run, and (given SCANS) what is pending.
+
+    Stale: done with a model or settings other than the last run's. Reads only; safe while a run is going on.
+    """
+    from .status import read_status
+
+    report = read_status(out, state_dir=state_dir, inputs=tuple(inputs or ()))
+    counts, last = report.summary, report.last_run
+    typer.echo(f"state     {report.database}")
+    typer.echo(f"files     {counts.files} recorded: {counts.done} done, {counts.failed} failed, {counts.stale} stale")
+    if last is None:
+        typer.echo("last run  none")
+    else:
+        ended = (
+            f"finished {last.finished}, exit {last.exit_status}, {last.done} done, {last.failed} failed, {last.skipped} skipped"
+            if last.finished else "did not finish (still running, or killed: the next run finishes its work)"
+        )
+        typer.echo(f"last run  #{last.id} started {last.started}; {ended}")
+    if report.pending is not None:
+        to_do = Counter(d.kind for d in report.pending.to_process)
+        typer.echo(f"pending   {sum(to_do.values())} to process ({_kinds(to_do)}) of {len(report.pending.decisions)} found")
+    for record in report.failed[:STATUS_FAILED_SHOWN]:
+        typer.echo(f"failed    {record.path} ({record.error_stage}): {record.error}")
+    if len(report.failed) > STATUS_FAILED_SHOWN:
+        typer.echo(f"failed    ... and {len(report.failed) - STATUS_FAILED_SHOWN} more (see errors.csv)")
+    return int(ExitCode.ok)
+
+
+STATUS_FAILED_SHOWN = 20
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
 from .segment import FieldCandidates, read_field, segment_field_candidates
 from .state import (
+    STATE_DB_NAME,
     Decision,
     StateDB,
     UnstableFileError,
@@ -792,7 +793,6 @@ def _log_file_error(path: Path, reason: str) -> None:
 
 
 FILES_PER_BATCH = 64  # classify at least this often (then write the outputs if due, see _Unwritten)
-STATE_DB_NAME = "state.sqlite3"
 
 
 def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchReport) -> Iterator[Path]:

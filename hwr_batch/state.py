@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # PRAGMA user_version; bump and add a migration (_MIGRATIONS) when the schema changes
 APPLICATION_ID = 0x48575242  # PRAGMA application_id: "HWRB", marks the file as ours
+STATE_DB_NAME = "state.sqlite3"  # the database's name in the state folder (OUT/.hwr-batch by default)
 BUSY_TIMEOUT_MS = 30_000  # wait this long for another connection's write or checkpoint
 HASH_CHUNK = 1 << 20
 

@@ -15,7 +15,7 @@ from hwr_batch.errors import ExitCode
 def test_help_lists_the_commands_and_exit_codes(cli):
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("process", "train", "evaluate", "export-onnx", "download-mnist"):
+    for command in ("process", "status", "train", "evaluate", "export-onnx", "download-mnist"):
         assert command in result.stdout
     text = " ".join(result.stdout.split())  # help text is wrapped to the terminal width
     assert "7 another run holds the lock" in text and "130 interrupted" in text

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_unattended import fields_by_file, process_command, write_scans
 
 from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables
-from test_unattended import fields_by_file, process_command, write_scans
 
 
 @pytest.fixture
@@ -159,10 +159,58 @@ def test_a_second_run_takes_the_lock_before_loading_the_model(three_scans, tmp_p
     try:
         # A model that does not exist: a run that loads the model before the lock exits 4, not 7.
         second = subprocess.run(
-            process_command(folder, out, "--model", str(tmp_path / "missing.onnx")), capture_output=True, text=True, timeout=120
+            process_command(folder, out, "--model", str(tmp_path / "missing.onnx")),
+            check=False, capture_output=True, text=True, timeout=120,
         )
     finally:
         first.send_signal(signal.SIGCONT)
     first.wait(timeout=300)
     assert second.returncode == ExitCode.lock_held, second.stderr
     assert first.returncode == 0
+
+
+def runs_recorded(out: Path) -> int:
+    connection = sqlite3.connect(out / ".hwr-batch" / "state.sqlite3")
+    try:
+        return connection.execute("SELECT count(*) FROM runs").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_status_says_what_is_done_failed_stale_and_pending(three_scans, tmp_path, mnist_test_small, confident_digits, cli):
+    folder, _ = three_scans
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == ExitCode.partial_failure
+    status = cli("status", out)
+    assert status.returncode == 0, status.stderr
+    assert "4 recorded: 3 done, 1 failed, 0 stale" in status.stdout
+    assert "last run  #1" in status.stdout and "exit 1, 3 done, 1 failed" in status.stdout
+    assert f"failed    {folder / 'broken.png'} (load)" in status.stdout
+
+    write_scans(tmp_path / "more", mnist_test_small, confident_digits, 1, seed=24)
+    (tmp_path / "more" / "scan_000.png").rename(folder / "late.png")
+    pending = cli("status", out, folder)
+    assert "pending   1 to process (1 new) of 5 found" in pending.stdout, pending.stdout
+    # A run with other settings reads nothing old: its files are stale from then on.
+    assert cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "0.9").returncode == 0
+    assert "5 recorded: 4 done, 1 failed, 3 stale" in cli("status", out).stdout
+    missing = cli("status", tmp_path / "nowhere")
+    assert missing.returncode == ExitCode.input_file and "no state database" in missing.stderr
+
+
+def test_dry_run_lists_the_work_and_writes_nothing(three_scans, tmp_path, mnist_test_small, confident_digits, cli):
+    folder, _ = three_scans
+    out = tmp_path / "out"
+    first_plan = cli("process", folder, "--out", out, "--dry-run")
+    assert first_plan.returncode == 0 and not out.exists()
+    assert first_plan.stdout.splitlines() == [f"new\t{folder / f'scan_{n:03d}.png'}" for n in range(3)]
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.csv")}
+    write_scans(tmp_path / "more", mnist_test_small, confident_digits, 1, seed=25)
+    (tmp_path / "more" / "scan_000.png").rename(folder / "late.png")
+    dry = cli("process", folder, "--out", out, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [f"new\t{folder / 'late.png'}"]
+    assert "dry run: 4 files found: 1 to process (1 new), 3 not (3 done); nothing was written" in dry.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*.csv")} == before and runs_recorded(out) == 1
