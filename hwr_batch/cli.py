@@ -203,7 +203,7 @@ def process(
         ),
     ] = 0,
     annotate: Annotated[
-        Path | None, typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
+        Path | None, typer.Option(help="Also write a JPEG of each page with the fields, their numbers and the digits read drawn on it.", file_okay=False)
     ] = None,
     pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, metavar="50..1200", help="Resolution at which PDF pages are rendered.")] = 300,
     dpi: Annotated[

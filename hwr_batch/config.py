@@ -36,7 +36,7 @@ class Options:
             the page's size (see :func:`hwr_batch.layout.choose_dpi`).
         max_megapixels: larger pages are refused (decompression-bomb guard).
         jobs: worker processes for decoding and segmentation; 0 = one per core.
-        annotate_dir: if set, a PNG per page with the fields and digits read drawn on it.
+        annotate_dir: if set, a JPEG per page with the fields and digits read drawn on it.
         state_dir: folder of the state database and lock; default ``out_dir/.hwr-batch``.
         force: reprocess every file, even those already done with this model.
         retry_failed: reprocess files that failed before (otherwise they are skipped).

@@ -394,7 +394,7 @@ def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, mnist_test_
         result = cli("process", folder, "--out", folder / "results", "--annotate", folder / "results" / "pages")
         assert result.returncode == 0, result.stderr
     assert fields_by_file(folder / "results") == truth
-    assert len(list((folder / "results" / "pages").glob("*.png"))) == 2
+    assert len(list((folder / "results" / "pages").glob("*.jpg"))) == 2
 
 
 def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli):
