@@ -112,7 +112,9 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
                     frame = _without_control_characters(frame)
                     for number, start in enumerate(range(0, max(len(frame), 1), XLSX_MAX_ROWS), start=1):
                         sheet = name if number == 1 else f"{name} ({number})"
-                        frame.iloc[start : start + XLSX_MAX_ROWS].to_excel(workbook, sheet_name=sheet, index=False)
+                        part = frame.iloc[start : start + XLSX_MAX_ROWS]
+                        part.to_excel(workbook, sheet_name=sheet, index=False)
+                        _format_sheet(workbook.sheets[sheet], name, list(part.columns), len(part))
         except OSError as e:
             raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
         return [path]
@@ -126,6 +128,28 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
             raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
         written.append(path)
     return written
+
+
+# Rows a person should look at, per table: (column, condition on its cell) for the sheet's highlight.
+FLAGGED_ROWS = {"digits": ("flagged", "=TRUE"), "fields": ("flagged", "=TRUE"), "pages": ("flagged_fields", ">0")}
+FLAGGED_FILL = "FFF2CC"  # light amber: visible, and the text stays legible when printed
+
+
+def _format_sheet(sheet, name: str, columns: list[str], rows: int) -> None:
+    """Frozen header, an autofilter over the table, and flagged rows highlighted (one conditional format,
+    so that a sheet of a million rows costs nothing more to write)."""
+    from openpyxl.formatting.rule import FormulaRule
+    from openpyxl.styles import PatternFill
+    from openpyxl.utils import get_column_letter
+
+    last = get_column_letter(len(columns))
+    sheet.freeze_panes = "A2"
+    sheet.auto_filter.ref = f"A1:{last}{rows + 1}"
+    if name in FLAGGED_ROWS and FLAGGED_ROWS[name][0] in columns and rows:
+        column, condition = FLAGGED_ROWS[name]
+        letter = get_column_letter(columns.index(column) + 1)
+        fill = PatternFill(start_color=FLAGGED_FILL, end_color=FLAGGED_FILL, fill_type="solid")
+        sheet.conditional_formatting.add(f"A2:{last}{rows + 1}", FormulaRule(formula=[f"${letter}2{condition}"], fill=fill))
 
 
 def _without_control_characters(frame: pd.DataFrame) -> pd.DataFrame:
