@@ -7,19 +7,26 @@ that need them, so ``hwr-batch --help`` starts fast. Exceptions become exit code
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from . import __version__
-from .errors import ExitCode, HwrError
+from .errors import ExitCode, HwrError, require_training_extra
 
 log = logging.getLogger("hwr_batch")
+
+# Allowed values, restated here (config imports OpenCV and pandas); a test keeps them equal to export.FORMATS
+# and layout.MODES. As Literal types, --help lists them and a wrong one is a usage error.
+FormatChoice = Literal["csv", "xlsx"]
+FieldChoice = Literal["auto", "boxes", "whole", "lines"]
 
 app = typer.Typer(
     name="hwr-batch",
@@ -38,7 +45,9 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _global_options(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv for debug).")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="A log line per file (-vv: debug detail too).")
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
     log_file: Annotated[
         Path | None, typer.Option(envvar="HWR_BATCH_LOG_FILE", help="Also append log lines to this file.", dir_okay=False)
@@ -56,6 +65,8 @@ def _global_options(
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     configure_logging(level, log_file=log_file, json_lines=json_logs)
+    # One line per file only with -v: a nightly run over thousands of files logs its summary, not each file.
+    logging.getLogger("hwr_batch.files").setLevel(logging.NOTSET if verbose and not quiet else logging.WARNING)
 
 
 class TextFormatter(logging.Formatter):
@@ -133,7 +144,10 @@ def process(
     ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None,
-        typer.Argument(help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False),
+        typer.Argument(
+            help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False,
+            metavar="SCANS...",
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -144,7 +158,11 @@ def process(
         Path, typer.Option("--out", "-o", envvar="HWR_BATCH_OUT", help="Folder for digits.csv, fields.csv, errors.csv (or results.xlsx).")
     ] = Path("hwr-results"),
     fmt: Annotated[
-        str, typer.Option("--format", "-f", envvar="HWR_BATCH_FORMAT", help="csv: three CSV files; xlsx: one workbook, a sheet per table.")
+        FormatChoice,
+        typer.Option(
+            "--format", "-f", envvar="HWR_BATCH_FORMAT",
+            help="csv: a CSV file per table; xlsx: one workbook, a sheet per table.",
+        ),
     ] = "csv",
     per_run: Annotated[
         bool,
@@ -156,7 +174,7 @@ def process(
     ] = False,
     model: ModelOption = None,
     fields: Annotated[
-        str,
+        FieldChoice,
         typer.Option(
             "--fields",
             help="Where digits are read. auto: inside printed boxes if the page has any, else the whole image if it is "
@@ -165,18 +183,35 @@ def process(
     ] = "auto",
     min_confidence: Annotated[
         float,
-        typer.Option(min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", help="Digits the model is less sure of are flagged for review."),
+        typer.Option(
+            min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", metavar="0..1",
+            help="Digits the model is less sure of are flagged for review.",
+        ),
     ] = 0.8,
-    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Skip files or folders matching this glob (repeatable; case-insensitive).")] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(metavar="GLOB", help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(metavar="GLOB", help="Skip files or folders matching this glob (repeatable; case-insensitive)."),
+    ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", help="Worker processes for reading pages; 0 = one per core.")
+        int,
+        typer.Option(
+            "--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", metavar="N", help="Worker processes for reading pages; 0 = one per core."
+        ),
     ] = 0,
     annotate: Annotated[
-        Path | None, typer.Option(help="Also write a PNG of each page with the fields and digits read drawn on it.", file_okay=False)
+        Path | None, typer.Option(help="Also write a JPEG of each page with the fields, their numbers and the digits read drawn on it.", file_okay=False)
     ] = None,
-    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="Resolution at which PDF pages are rendered.")] = 300,
-    max_megapixels: Annotated[float, typer.Option(min=1.0, help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
+    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, metavar="50..1200", help="Resolution at which PDF pages are rendered.")] = 300,
+    dpi: Annotated[
+        float | None,
+        typer.Option(min=50, max=2400, metavar="50..2400", help="Resolution of every scan (not PDFs), whatever its file says. Default: the "
+                     "file's tag, unless it is missing or implausible for the page's size; then estimated from the size."),
+    ] = None,
+    max_megapixels: Annotated[float, typer.Option(min=1.0, metavar="MP", help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
     state_dir: Annotated[
         Path | None,
         typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database and run lock. Default: OUT/.hwr-batch.", file_okay=False),
@@ -194,8 +229,23 @@ def process(
             help="Redo files read with a different model (otherwise only counted as stale).",
         ),
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune/--no-prune",
+            help="Drop the rows and state records of files deleted from an input folder. A folder none of whose "
+            "recorded files is left (an unmounted share) prunes nothing.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Only say what would be processed (stdout: one line per file, its reason and path); "
+            "write nothing, take no lock.",
+        ),
+    ] = False,
     batch_digits: Annotated[
-        int, typer.Option(min=1, help="Digits gathered per model call; outputs are also rewritten after each such batch.")
+        int, typer.Option(min=1, metavar="N", help="Digits gathered per model call; outputs are also rewritten after each such batch.")
     ] = 4096,
 ) -> int:
     """Read the handwritten digits in scanned forms and write them as tables.
@@ -227,6 +277,7 @@ def process(
         field_mode=params["fields"],
         min_confidence=float(params["min_confidence"]),
         pdf_dpi=int(params["pdf_dpi"]),
+        dpi=float(params["dpi"]) if params["dpi"] is not None else None,
         max_megapixels=float(params["max_megapixels"]),
         jobs=int(params["jobs"]),
         annotate_dir=Path(params["annotate"]) if params["annotate"] else None,
@@ -234,14 +285,83 @@ def process(
         force=bool(params["force"]),
         retry_failed=bool(params["retry_failed"]),
         reprocess_stale=bool(params["reprocess_stale"]),
+        prune=bool(params["prune"]),
         batch_digits=int(params["batch_digits"]),
     )
+    if dry_run:
+        return _dry_run(options)
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
         report = run_batch(options, should_stop=stop_requested, progress=progress)
     log.info("%s", report.summary())
     for path in report.outputs:
         typer.echo(str(path))
     return int(report.exit_code)
+
+
+def _dry_run(options) -> int:
+    """``process --dry-run``: the plan, on stdout, and its counts in the log."""
+    from .status import plan_run
+
+    run_plan = plan_run(options)
+    for decision in run_plan.to_process:
+        typer.echo(f"{decision.kind}\t{decision.path}")
+    counts = run_plan.counts()
+    processed = Counter(d.kind for d in run_plan.to_process)
+    skipped = counts - processed
+    for path, reason in run_plan.problems:
+        log.error("%s: %s", path, reason)
+    log.info(
+        "dry run: %d files found: %d to process (%s), %d not (%s); nothing was written",
+        len(run_plan.decisions), sum(processed.values()), _kinds(processed), sum(skipped.values()), _kinds(skipped),
+    )
+    return int(ExitCode.partial_failure if run_plan.problems or counts["unreadable"] else ExitCode.ok)
+
+
+def _kinds(counts) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
+
+
+@app.command()
+def status(
+    out: Annotated[Path, typer.Argument(help="The --out folder of the runs.", show_default=False, metavar="OUT")],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Scans to check for pending work (as given to process).", show_default=False, metavar="[SCANS]..."),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database. Default: OUT/.hwr-batch.", file_okay=False),
+    ] = None,
+) -> int:
+    """What the state database says: files done, failed and stale, the last run, and (given SCANS) what is pending.
+
+    Stale: done with a model or settings other than the last run's. Reads only; safe while a run is going on.
+    """
+    from .status import read_status
+
+    report = read_status(out, state_dir=state_dir, inputs=tuple(inputs or ()))
+    counts, last = report.summary, report.last_run
+    typer.echo(f"state     {report.database}")
+    typer.echo(f"files     {counts.files} recorded: {counts.done} done, {counts.failed} failed, {counts.stale} stale")
+    if last is None:
+        typer.echo("last run  none")
+    else:
+        ended = (
+            f"finished {last.finished}, exit {last.exit_status}, {last.done} done, {last.failed} failed, {last.skipped} skipped"
+            if last.finished else "did not finish (still running, or killed: the next run finishes its work)"
+        )
+        typer.echo(f"last run  #{last.id} started {last.started}; {ended}")
+    if report.pending is not None:
+        to_do = Counter(d.kind for d in report.pending.to_process)
+        typer.echo(f"pending   {sum(to_do.values())} to process ({_kinds(to_do)}) of {len(report.pending.decisions)} found")
+    for record in report.failed[:STATUS_FAILED_SHOWN]:
+        typer.echo(f"failed    {record.path} ({record.error_stage}): {record.error}")
+    if len(report.failed) > STATUS_FAILED_SHOWN:
+        typer.echo(f"failed    ... and {len(report.failed) - STATUS_FAILED_SHOWN} more (see errors.csv)")
+    return int(ExitCode.ok)
+
+
+STATUS_FAILED_SHOWN = 20
 
 
 @contextmanager
@@ -346,7 +466,10 @@ def train(
                      "starting weights). Default: the shipped model.", dir_okay=False),
     ] = None,
 ) -> None:
-    """Train the CNN (MNIST digits by default); write NAME.keras, NAME.onnx, NAME.json (run record), NAME-curves.png."""
+    """Train the CNN (MNIST digits by default); write NAME.keras, NAME.onnx, NAME.json (run record), NAME-curves.png.
+
+    Needs the training extra: pip install 'hwr-batch[train]'.
+    """
     from .errors import BadArgsError
     from .mnist import load_idx_pair
 
@@ -492,7 +615,10 @@ def export_onnx(
     keras_model: Annotated[Path, typer.Argument(help="A .keras model saved by `hwr-batch train`.", exists=True, dir_okay=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="The .onnx file. Default: beside the .keras file.")] = None,
 ) -> None:
-    """Convert a trained .keras model to ONNX, which `process` and `evaluate` run without TensorFlow."""
+    """Convert a trained .keras model to ONNX, which `process` and `evaluate` run without TensorFlow.
+
+    Needs the training extra: pip install 'hwr-batch[train]'.
+    """
     require_training_extra("export-onnx")
     from .train import export_onnx as run_export
 
@@ -508,18 +634,30 @@ def download_mnist(data_dir: DataDirOption = None) -> None:
     typer.echo(str(run_download(data_dir)))
 
 
-def require_training_extra(command: str) -> None:
-    """Fail with advice when TensorFlow (the ``train`` extra) is not installed: reading scans does not need it."""
-    import importlib.util
+GLOBAL_FLAGS = frozenset({"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose", "--json-logs"})
+GLOBAL_VALUE_OPTIONS = frozenset({"--log-file"})
 
-    missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
-    if missing:
-        from .errors import ModelError
 
-        raise ModelError(
-            f"`hwr-batch {command}` needs {' and '.join(missing)}, which reading scans does not: "
-            "install the training extra with  pip install 'hwr-batch[train]'"
-        )
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``args`` with the global options (-q, -v, --log-file, --json-logs) that follow the command moved before it,
+    so that ``hwr-batch process DIR -v`` works as ``hwr-batch -v process DIR`` does. Stops at ``--``."""
+    commands = {command.name or command.callback.__name__ for command in app.registered_commands}
+    position = next((i for i, arg in enumerate(args) if arg in commands), None)
+    if position is None:
+        return args
+    hoisted, rest = [], []
+    tail = iter(args[position + 1 :])
+    for arg in tail:
+        if arg == "--":
+            rest += [arg, *tail]
+            break
+        if arg in GLOBAL_FLAGS or arg.split("=", 1)[0] in GLOBAL_VALUE_OPTIONS and "=" in arg:
+            hoisted.append(arg)
+        elif arg in GLOBAL_VALUE_OPTIONS:
+            hoisted += [arg, *itertools.islice(tail, 1)]
+        else:
+            rest.append(arg)
+    return [*args[:position], *hoisted, args[position], *rest]
 
 
 def main() -> None:
@@ -527,7 +665,7 @@ def main() -> None:
     try:
         # Not standalone: typer.Exit and Ctrl-C come back as the exit code (130 for Ctrl-C),
         # usage errors and our own errors are raised, so they all meet here.
-        result = app(standalone_mode=False)
+        result = app(args=hoist_global_options(sys.argv[1:]), standalone_mode=False)
         code = result if isinstance(result, int) else ExitCode.ok
     except typer.TyperException as e:  # usage errors: print the usage hint and the reason
         e.show()

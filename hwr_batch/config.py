@@ -32,13 +32,16 @@ class Options:
             (each image is one field).
         min_confidence: digits the model is less sure of than this are flagged for review.
         pdf_dpi: resolution at which PDF pages are rendered.
+        dpi: resolution of every scanned image, whatever its tag says; None: the tag, checked against
+            the page's size (see :func:`hwr_batch.layout.choose_dpi`).
         max_megapixels: larger pages are refused (decompression-bomb guard).
         jobs: worker processes for decoding and segmentation; 0 = one per core.
-        annotate_dir: if set, a PNG per page with the fields and digits read drawn on it.
+        annotate_dir: if set, a JPEG per page with the fields and digits read drawn on it.
         state_dir: folder of the state database and lock; default ``out_dir/.hwr-batch``.
         force: reprocess every file, even those already done with this model.
         retry_failed: reprocess files that failed before (otherwise they are skipped).
         reprocess_stale: reprocess files done with a different model (otherwise only counted as stale).
+        prune: drop the rows and records of files that no longer exist under an input folder.
         batch_digits: digits collected before one classification call.
     """
 
@@ -52,6 +55,7 @@ class Options:
     field_mode: str = "auto"
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     pdf_dpi: int = 300
+    dpi: float | None = None
     max_megapixels: float = 200.0
     jobs: int = 0
     annotate_dir: Path | None = None
@@ -59,6 +63,7 @@ class Options:
     force: bool = False
     retry_failed: bool = False
     reprocess_stale: bool = False
+    prune: bool = False
     batch_digits: int = 4096
 
     def validated(self) -> Options:
@@ -80,6 +85,8 @@ class Options:
             raise BadArgsError(f"--min-confidence must be between 0 and 1, got {self.min_confidence}")
         if not 50 <= self.pdf_dpi <= 1200:
             raise BadArgsError(f"--pdf-dpi must be between 50 and 1200, got {self.pdf_dpi}")
+        if self.dpi is not None and not 50 <= self.dpi <= 2400:
+            raise BadArgsError(f"--dpi must be between 50 and 2400, got {self.dpi}")
         if self.max_megapixels <= 0:
             raise BadArgsError(f"--max-megapixels must be positive, got {self.max_megapixels}")
         if self.jobs < 0:
@@ -93,6 +100,24 @@ class Options:
             jobs=self.jobs or os.cpu_count() or 1,
             state_dir=Path(self.state_dir) if self.state_dir else Path(self.out_dir) / ".hwr-batch",
         )
+
+
+    def result_settings(self) -> dict[str, object]:
+        """The options that change what is read from a file (not how fast, nor where it goes), by name."""
+        # Unset ones are left out, so that a setting added later, at its default, changes no hash.
+        return {name: getattr(self, name) for name in RESULT_SETTINGS if getattr(self, name) is not None}
+
+    def settings_sha(self) -> str:
+        """A hash of :meth:`result_settings`, recorded with each file: a file read with other settings is stale."""
+        import hashlib
+        import json
+
+        text = json.dumps(self.result_settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Options that change results; a change is treated like a change of model (stale, redone with --reprocess-stale).
+RESULT_SETTINGS = ("field_mode", "min_confidence", "pdf_dpi", "dpi")
 
 
 def option_names() -> list[str]:
@@ -152,8 +177,8 @@ def read_config_file(path: Path) -> dict[str, object]:
 CONFIG_TYPES: dict[str, str] = {
     "inputs": "paths", "out": "path", "fmt": "text", "per_run": "bool", "model": "path", "fields": "text",
     "min_confidence": "number", "include": "texts", "exclude": "texts", "jobs": "int", "annotate": "path",
-    "pdf_dpi": "int", "max_megapixels": "number", "state_dir": "path", "force": "bool", "retry_failed": "bool",
-    "reprocess_stale": "bool", "batch_digits": "int",
+    "pdf_dpi": "int", "dpi": "number", "max_megapixels": "number", "state_dir": "path", "force": "bool", "retry_failed": "bool",
+    "reprocess_stale": "bool", "prune": "bool", "batch_digits": "int",
 }
 CONFIG_ALIASES = {"format": "fmt", "output": "out", "out_dir": "out"}
 _TYPE_WORDS = {

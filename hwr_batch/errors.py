@@ -71,3 +71,38 @@ class LockHeldError(HwrError):
     """Another hwr-batch run holds the lock on the state directory."""
 
     exit_code = ExitCode.lock_held
+
+
+class MissingDependencyError(HwrError):
+    """A command needs an optional part of hwr-batch that is not installed (e.g. the ``train`` extra)."""
+
+    exit_code = ExitCode.model  # 4: "the model ... or a dependency is missing"
+
+
+# Modules of the `train` extra (pyproject.toml), which `process` and `evaluate` never need.
+TRAINING_MODULES = ("tensorflow", "tf2onnx")
+
+
+def require_training_extra(command: str) -> None:
+    """Raise a :class:`MissingDependencyError` saying how to install it, unless TensorFlow and tf2onnx are importable.
+
+    Call it at the top of every command that trains or converts a Keras model (``train``,
+    ``export-onnx``, ``learn``), before anything is read or written. Only looks the modules up:
+    importing TensorFlow takes seconds, and the command does that itself.
+    """
+    import importlib.util
+
+    missing = []
+    for name in TRAINING_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken install, or a module blocked in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise MissingDependencyError(
+            f"`hwr-batch {command}` needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            "not installed (reading scans does not need them). Install the training extra: "
+            "pip install 'hwr-batch[train]' (from a clone: pip install -e '.[train]')"
+        )

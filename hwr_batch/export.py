@@ -26,16 +26,20 @@ FIELD_COLUMNS = (
     "digits", "digit_count", "min_confidence", "flagged", "flag_reason",
 )
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {"digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS}
+# One row per page read, so that a page with no field, a blank page or a dead scan is visible too.
+PAGE_COLUMNS = ("file", "page", "fields", "digit_count", "flagged_fields", "status", "dpi")
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "digits": DIGIT_COLUMNS, "fields": FIELD_COLUMNS, "errors": ERROR_COLUMNS, "pages": PAGE_COLUMNS,
+}
 # Whole-number columns: kept integer (nullable Int64) whatever a table read back holds, so they never turn float.
-INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count")
-TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason")
+INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count", "fields", "flagged_fields")
+TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason", "status")
 FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
 
 def empty_tables() -> dict[str, pd.DataFrame]:
-    """The three tables with their columns and no rows."""
+    """The tables (digits, fields, errors, pages) with their columns and no rows."""
     return {name: pd.DataFrame(columns=list(columns)) for name, columns in TABLE_COLUMNS.items()}
 
 
@@ -67,7 +71,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def output_paths(out_dir: Path, fmt: str) -> dict[str, Path]:
-    """Where each table goes: ``digits.csv``/``fields.csv``/``errors.csv``, or sheets of ``results.xlsx``."""
+    """Where each table goes: ``digits.csv``/``fields.csv``/``errors.csv``/``pages.csv``, or sheets of ``results.xlsx``."""
     out_dir = Path(out_dir)
     if fmt == "xlsx":
         return {name: out_dir / "results.xlsx" for name in TABLE_COLUMNS}
@@ -81,7 +85,7 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
     neutralised with a leading apostrophe.
 
     Args:
-        tables: ``{"digits": df, "fields": df, "errors": df}``.
+        tables: ``{"digits": df, "fields": df, "errors": df, "pages": df}`` (any of them).
         out_dir: an existing or creatable folder.
         fmt: ``"csv"`` (one UTF-8 file per table) or ``"xlsx"`` (one workbook, a sheet per table;
             a table longer than a sheet holds continues on sheets "digits (2)", "digits (3)", ...).
@@ -108,7 +112,9 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
                     frame = _without_control_characters(frame)
                     for number, start in enumerate(range(0, max(len(frame), 1), XLSX_MAX_ROWS), start=1):
                         sheet = name if number == 1 else f"{name} ({number})"
-                        frame.iloc[start : start + XLSX_MAX_ROWS].to_excel(workbook, sheet_name=sheet, index=False)
+                        part = frame.iloc[start : start + XLSX_MAX_ROWS]
+                        part.to_excel(workbook, sheet_name=sheet, index=False)
+                        _format_sheet(workbook.sheets[sheet], name, list(part.columns), len(part))
         except OSError as e:
             raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
         return [path]
@@ -122,6 +128,28 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
             raise OutputError(f"{path}: cannot write results ({e.strerror or e})") from None
         written.append(path)
     return written
+
+
+# Rows a person should look at, per table: (column, condition on its cell) for the sheet's highlight.
+FLAGGED_ROWS = {"digits": ("flagged", "=TRUE"), "fields": ("flagged", "=TRUE"), "pages": ("flagged_fields", ">0")}
+FLAGGED_FILL = "FFF2CC"  # light amber: visible, and the text stays legible when printed
+
+
+def _format_sheet(sheet, name: str, columns: list[str], rows: int) -> None:
+    """Frozen header, an autofilter over the table, and flagged rows highlighted (one conditional format,
+    so that a sheet of a million rows costs nothing more to write)."""
+    from openpyxl.formatting.rule import FormulaRule
+    from openpyxl.styles import PatternFill
+    from openpyxl.utils import get_column_letter
+
+    last = get_column_letter(len(columns))
+    sheet.freeze_panes = "A2"
+    sheet.auto_filter.ref = f"A1:{last}{rows + 1}"
+    if name in FLAGGED_ROWS and FLAGGED_ROWS[name][0] in columns and rows:
+        column, condition = FLAGGED_ROWS[name]
+        letter = get_column_letter(columns.index(column) + 1)
+        fill = PatternFill(start_color=FLAGGED_FILL, end_color=FLAGGED_FILL, fill_type="solid")
+        sheet.conditional_formatting.add(f"A2:{last}{rows + 1}", FormulaRule(formula=[f"${letter}2{condition}"], fill=fill))
 
 
 def _without_control_characters(frame: pd.DataFrame) -> pd.DataFrame:
@@ -156,6 +184,8 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         try:
             if fmt == "xlsx":
                 frame = _read_sheets(path, name, text_columns)
+                if frame is None:  # a workbook written before this table existed
+                    continue
             else:
                 frame = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
                 if len(frame) and not _ends_with_newline(path):  # cut inside its last row
@@ -200,6 +230,7 @@ REQUIRED_INTEGERS = {
     "digits": [c for c in DIGIT_COLUMNS if c in INTEGER_COLUMNS],
     "fields": [c for c in FIELD_COLUMNS if c in INTEGER_COLUMNS],
     "errors": [],  # page is empty when the whole file failed
+    "pages": [c for c in PAGE_COLUMNS if c in INTEGER_COLUMNS],
 }
 
 
@@ -215,10 +246,13 @@ def _ends_with_newline(path: Path) -> bool:
 _RAW_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame:
-    """Table ``name`` of a workbook: its sheet and any continuation sheets ("name (2)", ...), in order."""
+def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame | None:
+    """Table ``name`` of a workbook: its sheet and any continuation sheets ("name (2)", ...), in order;
+    None if the workbook has no such sheet."""
     continuation = re.compile(rf"{re.escape(name)} \((\d+)\)")
     with pd.ExcelFile(path, engine="openpyxl") as workbook:
+        if name not in workbook.sheet_names:
+            return None
         numbered = {int(m[1]): s for s in workbook.sheet_names if (m := continuation.fullmatch(s))}
         sheets = [name] + [numbered[n] for n in sorted(numbered)]
         frames = [

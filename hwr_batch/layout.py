@@ -84,6 +84,11 @@ class Layout:
 
 def guess_dpi(shape: tuple[int, ...]) -> float:
     """The page's dpi if it looks like an A4 or US Letter page, else 300."""
+    return _full_page_dpi(shape) or 300.0
+
+
+def _full_page_dpi(shape: tuple[int, ...]) -> float | None:
+    """The dpi of a page with A4 or US Letter proportions, taken as a full page; None for other shapes."""
     h, w = shape[:2]
     if w >= 800 and h > w:
         ratio = h / w
@@ -91,7 +96,39 @@ def guess_dpi(shape: tuple[int, ...]) -> float:
             return w / (210 / MM_PER_INCH)
         if 1.25 <= ratio < 1.38:
             return w / 8.5
-    return 300.0
+    return None
+
+
+# Paper a form is printed on, (width, height) in mm. Not A6: a 300 dpi A4 page tagged 600 dpi would pass for one.
+PAPER_SIZES_MM = {"A3": (297, 420), "A4": (210, 297), "A5": (148, 210), "Letter": (215.9, 279.4), "Legal": (215.9, 355.6)}
+PLAUSIBLE_DPI = (100.0, 1200.0)  # scanners write 72 or 1 (no unit) where they mean "unknown"
+
+
+def choose_dpi(tagged: float | None, shape: tuple[int, ...]) -> tuple[float, str]:
+    """The resolution to read a scanned page at, and why the file's tag was ignored ("" if it was not).
+
+    The tag is ignored when it is missing, outside :data:`PLAUSIBLE_DPI`, or when the page has the
+    proportions of an A4/Letter page but the tag would make it a paper size no form is printed on
+    (:data:`PAPER_SIZES_MM`); the resolution is then estimated from the page's size (:func:`guess_dpi`).
+    """
+    guessed = guess_dpi(shape)
+    if tagged is None or tagged <= 0:
+        return guessed, ""
+    if not PLAUSIBLE_DPI[0] <= tagged <= PLAUSIBLE_DPI[1]:
+        how = "estimated from its size" if _full_page_dpi(shape) else "the default for an image that is not a full page"
+        return guessed, f"its {tagged:.0f} dpi tag is implausible; read at {guessed:.0f} dpi, {how}"
+    h, w = shape[:2]
+    size = (w / tagged * MM_PER_INCH, h / tagged * MM_PER_INCH)
+    standard = any(
+        abs(size[0] - pw) <= 0.04 * pw and abs(size[1] - ph) <= 0.04 * ph
+        for pw, ph in (*PAPER_SIZES_MM.values(), *(p[::-1] for p in PAPER_SIZES_MM.values()))
+    )
+    if not standard and _full_page_dpi(shape) and abs(tagged / guessed - 1) > 0.1:
+        return guessed, (
+            f"its {tagged:.0f} dpi tag would make it a {size[0]:.0f}x{size[1]:.0f} mm page; "
+            f"read as a full page at {guessed:.0f} dpi, estimated from its size"
+        )
+    return float(tagged), ""
 
 
 def _downscale(gray: np.ndarray, dpi: float) -> tuple[np.ndarray, int]:

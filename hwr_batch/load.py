@@ -29,12 +29,14 @@ class Page:
         index: 0-based page number within the file.
         gray: (H, W) uint8 grayscale, dark ink on light paper as scanned.
         dpi: resolution if the file says (or the PDF render dpi), else None.
+        rendered: True for a PDF page rendered at ``dpi`` (exact), False for a scan's own tag (to be checked).
     """
 
     source: Path
     index: int
     gray: np.ndarray
     dpi: float | None = None
+    rendered: bool = False
 
 
 def find_inputs(
@@ -288,7 +290,7 @@ def _iter_pdf_pages(path: Path, *, dpi: int, max_megapixels: float) -> Iterator[
                     "can of such an image, so the page would be read partly"
                 )
             _check_size(gray, path, index)
-            yield Page(path, index, gray.copy(), float(dpi))
+            yield Page(path, index, gray.copy(), float(dpi), rendered=True)
     finally:
         document.close()
 

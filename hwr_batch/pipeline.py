@@ -12,6 +12,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,26 +33,30 @@ from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
 from .export import CUT_SHORT_AT, empty_tables, read_tables, to_frame, write_tables
-from .layout import Field, Layout, analyse_page
+from .layout import Field, Layout, analyse_page, choose_dpi
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
 from .segment import FieldCandidates, read_field, segment_field_candidates
 from .state import (
+    STATE_DB_NAME,
     Decision,
     StateDB,
     UnstableFileError,
     begin_run,
     finish_run,
+    forget,
     mark_done,
     mark_failed,
     open_state,
     plan,
+    recorded_files,
     stale_files,
     with_sha256,
 )
 
 log = logging.getLogger(__name__)
+file_log = logging.getLogger("hwr_batch.files")  # one line per file; shown with -v (see cli)
 
 STAGES = ("load", "layout", "segment", "normalise", "classify", "write")
 
@@ -77,12 +82,19 @@ class FieldReading:
 
 @dataclass(frozen=True)
 class PageReading:
-    """The fields of one page."""
+    """The fields of one page.
+
+    Attributes:
+        dpi: the resolution the page was read at (from the file, or guessed from its size).
+        blank: ``"blank"`` or ``"all black"`` for a page of one tone (a dead scan), else ``""``.
+    """
 
     index: int
     fields: tuple[FieldReading, ...]
     shape: tuple[int, int]
     skew_degrees: float
+    dpi: float = 0.0
+    blank: str = ""
 
 
 @dataclass
@@ -95,6 +107,8 @@ class FileReading:
         images: (N, 28, 28) float32: every candidate digit of every field, normalised.
         error: (stage, reason) if the file could not be read completely.
         seconds: time spent per stage.
+        notes: things the main process should log (a resolution tag ignored, per page).
+        error_page: the 1-based page the error is on (None: the file as a whole).
     """
 
     path: Path
@@ -102,6 +116,8 @@ class FileReading:
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
     error: tuple[str, str] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error_page: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,7 @@ class ReadSettings:
     field_mode: str = "auto"
     pdf_dpi: int = 300
     max_megapixels: float = 200.0
+    dpi: float | None = None  # resolution of every scan (not PDF), whatever its tag says
 
 
 def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReading:
@@ -132,16 +149,33 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
             if page is None:
                 break
             stage = "layout"
-            reading.pages.append(_read_page(page.gray, page.index, page.dpi, settings, images, seconds))
+            dpi = page.dpi if page.rendered else settings.dpi
+            if dpi is None:
+                dpi, why = choose_dpi(page.dpi, page.gray.shape)
+                if why:
+                    reading.notes.append(f"page {page.index + 1}: {why} (--dpi sets it)")
+            reading.pages.append(_read_page(page.gray, page.index, dpi, settings, images, seconds))
     except HwrError as e:
-        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds)
+        page_number = _failed_page(stage, str(e), len(reading.pages))
+        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes, error_page=page_number)
     except Exception as e:  # a bug or an image that breaks OpenCV: report the file, keep the run going
         log.debug("%s: unexpected error in %s", path, stage, exc_info=True)
-        return FileReading(Path(path), error=(stage, f"{path}: {type(e).__name__}: {e}"), seconds=seconds)
+        reason = f"{path}: {type(e).__name__}: {e}"
+        page_number = _failed_page(stage, reason, len(reading.pages))
+        return FileReading(Path(path), error=(stage, reason), seconds=seconds, error_page=page_number)
     if images:
         reading.images = np.stack(images)
     reading.seconds = seconds
     return reading
+
+
+def _failed_page(stage: str, reason: str, pages_read: int) -> int | None:
+    """The 1-based page a file failed on: the one being read after ``pages_read`` good ones, except for a
+    failure to open the file at all (in ``load``, before any page, with no page named in the reason)."""
+    if stage != "load" or pages_read:
+        return pages_read + 1
+    named = re.search(r"\bpage (\d+)\b", reason)
+    return int(named[1]) if named else None
 
 
 def _read_page(
@@ -171,7 +205,24 @@ def _read_page(
         # The field image is the box plus a margin; its interior starts at `inner` within it.
         origin = (x - inner_x, y - inner_y)
         fields.append(FieldReading(found.bbox, origin, found.kind, candidates.without_ink(scale), first))
-    return PageReading(index, tuple(fields), gray.shape[:2], layout.angle)
+    return PageReading(index, tuple(fields), gray.shape[:2], layout.angle, layout.dpi, _one_tone(gray))
+
+
+def _one_tone(gray: np.ndarray) -> str:
+    """``"blank"`` or ``"all black"`` if the page holds no visible ink at all (a dead or empty scan), else ``""``."""
+    factor = max(gray.shape) / 600
+    small = cv2.resize(gray, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA) if factor > 1 else gray
+    paper = float(np.median(small))
+    marked = np.count_nonzero(np.abs(small.astype(np.int16) - paper) > ONE_TONE_CONTRAST)
+    if marked > ONE_TONE_MAX_MARKS * small.size:
+        return ""
+    return "all black" if paper < 128 else "blank"
+
+
+# A page is of one tone when fewer than this share of its pixels (at ~600 px) differ from its median
+# grey by more than ONE_TONE_CONTRAST levels: a single printed word on an A4 page is well above it.
+ONE_TONE_CONTRAST = 48
+ONE_TONE_MAX_MARKS = 1e-4
 
 
 def segmenting_scale(layout: Layout) -> float:
@@ -272,7 +323,10 @@ def _kill_pool(pool: ProcessPoolExecutor) -> None:
 
 
 def _worker_pool(jobs: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker)
+    context = multiprocessing.get_context("forkserver")
+    # Takes effect when the forkserver starts (the first pool): it ignores SIGTERM and dies with this process.
+    context.set_forkserver_preload(["__main__", "hwr_batch._forkserver"])
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
 
 
 def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
@@ -288,16 +342,20 @@ def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
         _kill_pool(pool)
 
 
-def _init_worker() -> None:
-    """Each worker is single-threaded (the parallelism is across files) and leaves signals to the main process.
+def _init_worker(main_pid: int) -> None:
+    """Each worker is single-threaded (the parallelism is across files), leaves signals to the main process,
+    and ends when the main process ends, however it ends (a SIGKILL too).
 
     Ctrl-C and systemd's SIGTERM reach every process of the group; the main process decides to
     stop after the files in hand, and shuts the pool down itself.
     """
     import signal
 
+    from ._lifeline import exit_when_gone
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_when_gone(main_pid)
     cv2.setNumThreads(1)
 
 
@@ -357,6 +415,34 @@ def classify_readings(
                 )
         offset += len(reading.images)
     return digit_rows, field_rows, seconds
+
+
+def page_rows(readings: list[FileReading], field_rows: list[dict]) -> list[dict]:
+    """One row per page of ``readings``: fields, digits and flagged fields on it, its status and dpi.
+
+    Status: ``read``, ``no digits`` (fields, but nothing in them), ``no fields``, ``blank`` or ``all black``.
+    """
+    per_page: dict[tuple[str, int], list[dict]] = {}
+    for row in field_rows:
+        per_page.setdefault((row["file"], row["page"]), []).append(row)
+    rows = []
+    for reading in readings:
+        file = str(reading.path)  # the exact name, as the other tables' rows (to_frame escapes it)
+        for page in reading.pages:
+            fields = per_page.get((file, page.index + 1), [])
+            digits = sum(row["digit_count"] for row in fields)
+            if page.blank:
+                status = page.blank
+            elif not fields:
+                status = "no fields"
+            else:
+                status = "read" if digits else "no digits"
+            rows.append({
+                "file": file, "page": page.index + 1, "fields": len(fields), "digit_count": digits,
+                "flagged_fields": sum(bool(row["flagged"]) for row in fields), "status": status,
+                "dpi": round(page.dpi, 1),
+            })
+    return rows
 
 
 def field_flags(found: FieldReading, chosen: list[int], top, *, min_confidence: float) -> list[str]:
@@ -421,7 +507,7 @@ class BatchReport:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         return (
             f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped, "
-            f"{self.failed} failed, {self.stale} done with another model; {self.pages} pages, {self.fields} fields, "
+            f"{self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
             f"{self.digits} digits, {self.flagged_fields} fields flagged; {self.seconds:.1f}s "
             f"({self.pages_per_second:.2f} pages/s; {stages})"
         )
@@ -445,7 +531,7 @@ def run_batch(
         options: validated or not; see :class:`hwr_batch.config.Options`.
         should_stop: polled between files; when it returns True the run finishes the files
             already read, writes, and returns with ``interrupted`` set (SIGTERM/SIGINT).
-        progress: told how many files will be processed, then of each file's outcome.
+        progress: told how many files will be processed, then of each file as it is read.
 
     Raises:
         HwrError: for problems that stop the whole run (bad options, model, lock, state, output).
@@ -454,20 +540,21 @@ def run_batch(
     started = time.perf_counter()
     report = BatchReport()
     check_inputs_exist(options.inputs)
-    classifier = load_classifier(options.model)
-    check_outputs_writable(options)
-    # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
-    own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
-    files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
-    report.files_found = len(files)
+    check_outputs_writable(options)  # before the lock, whose file is in OUT: an unwritable OUT is exit 5
     # One lock on the state folder, and one on the output folder: two runs writing the same tables
-    # with different state folders would otherwise overwrite each other's rows.
+    # with different state folders would otherwise overwrite each other's rows. Taken first, so that
+    # a second run exits at once instead of loading the model and walking the inputs to no purpose.
     lock_dirs = dict.fromkeys([options.state_dir, options.out_dir / ".hwr-batch"])
     with ExitStack() as stack:
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
+        classifier = load_classifier(options.model)
+        # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
+        own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
+        files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
+        report.files_found = len(files)
         db = stack.enter_context(open_state(options.state_dir / STATE_DB_NAME))
-        run_id = begin_run(db, model_sha=classifier.sha256)
+        run_id = begin_run(db, model_sha=classifier.sha256, settings_sha=options.settings_sha())
         report.run_id = run_id
         try:
             _run(files, problems, options, classifier, db, report, should_stop, progress)
@@ -530,8 +617,9 @@ def _run(
         remove_stale_temp_files(options.out_dir)
     decisions = plan(
         db, files, model_sha=classifier.sha256, force=options.force, retry_failed=options.retry_failed,
-        reprocess_stale=options.reprocess_stale,
+        reprocess_stale=options.reprocess_stale, settings_sha=options.settings_sha(),
     )
+    _log_stale(decisions, options)
     if options.per_run:  # this run's rows only, in a folder of their own (never an earlier run's)
         out_dir = options.out_dir / f"run-{run_id:05d}"
         suffix = 1
@@ -543,6 +631,10 @@ def _run(
     else:  # cumulative: every file's latest rows, carried over from earlier runs
         tables = read_tables(options.out_dir, options.fmt)
         decisions = _redo_files_whose_rows_do_not_match(tables, decisions)
+    pruned = _deleted_files(db, options.inputs) if options.prune else []
+    if pruned:
+        tables = _replace_rows(tables, pruned)
+        log.info("pruning %d files deleted from the input folders (their rows and records)", len(pruned))
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
     # Folders that cannot be listed, and files that cannot even be stat-ed, are errors of this run.
@@ -563,7 +655,7 @@ def _run(
     )
     if progress:
         progress.start(len(todo))
-    settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels)
+    settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels, options.dpi)
     pending: list[FileReading] = []
     pending_digits = 0
     unwritten = _Unwritten()
@@ -572,28 +664,66 @@ def _run(
         for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
             for stage, seconds in reading.seconds.items():
                 report.stage_seconds[stage] += seconds
+            if progress:  # as each file is read: writing waits for a batch, or longer (see _Unwritten)
+                progress.advance(reading.path, "failed" if reading.error else "read")
             pending.append(reading)
             pending_digits += len(reading.images)
             if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
                 tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
                 pending, pending_digits = [], 0
                 if unwritten.write_due():
-                    _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+                    _flush(tables, unwritten, todo, db, classifier, options, report)
         tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
     except Exception:
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
         # the next run need not redo it. (A failed write is not tried again: _flush takes the files first.)
         if unwritten.files:
             try:
-                _flush(tables, unwritten, todo, db, classifier, options, report, progress)
+                _flush(tables, unwritten, todo, db, classifier, options, report)
             except HwrError as also:  # the first failure is the one to report
                 log.error("%s", also)
         raise
     if unwritten.files:
-        _flush(tables, unwritten, todo, db, classifier, options, report, progress)
-    if not report.outputs:  # nothing to process: still leave valid (possibly empty) tables
+        _flush(tables, unwritten, todo, db, classifier, options, report)
+    if not report.outputs or pruned:  # nothing to process: still leave valid (possibly empty) tables
         report.outputs = _write(tables, options)
-    report.stale = len(stale_files(db, classifier.sha256))
+    if pruned:  # only now that the tables no longer hold them: a crash before this line prunes them next time
+        forget(db, pruned)
+    report.stale = len(stale_files(db, classifier.sha256, options.settings_sha()))
+
+
+def _deleted_files(db: StateDB, inputs: Iterable[Path]) -> list[Path]:
+    """Recorded files that no longer exist, inside an input folder that does.
+
+    An input folder none of whose recorded files is left prunes nothing: that is an unmounted share
+    (its empty mount point) far more often than a deliberate deletion of everything.
+    """
+    roots = [Path(os.path.abspath(p)) for p in inputs if Path(p).is_dir()]
+    under: dict[Path, list[tuple[Path, bool]]] = {root: [] for root in roots}
+    for record in recorded_files(db):
+        root = next((r for r in roots if record.path.is_relative_to(r)), None)
+        if root is not None:
+            under[root].append((record.path, os.path.lexists(record.path)))
+    deleted = []
+    for root, files in under.items():
+        gone = [path for path, exists in files if not exists]
+        if gone and len(gone) == len(files):
+            log.warning("%s: none of the %d files recorded under it is left (an unmounted share?); not pruned", root, len(gone))
+        else:
+            deleted += gone
+    return deleted
+
+
+def _log_stale(decisions: list[Decision], options: Options) -> None:
+    """Say how many files were read with another model, or other settings, and whether they are redone."""
+    counts = Counter(d.kind for d in decisions if d.kind in ("stale-model", "stale-settings"))
+    what = {"stale-model": "another model", "stale-settings": "other settings that change results"}
+    for kind, count in sorted(counts.items()):
+        now = ""
+        if kind == "stale-settings":
+            now = " (now " + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in options.result_settings().items()) + ")"
+        action = "redone" if options.reprocess_stale or options.force else "kept: --reprocess-stale redoes them"
+        log.warning("%d files were read with %s%s: stale, %s", count, what[kind], now, action)
 
 
 def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
@@ -616,7 +746,7 @@ def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisio
     redone = []
     for d in decisions:
         previous = d.previous
-        if not d.process and previous is not None and d.kind in ("done", "stale-model", "failed"):
+        if not d.process and previous is not None and d.kind in ("done", "stale-model", "stale-settings", "failed"):
             keys = {file_text(d.path), neutralise_cell(file_text(d.path))}
             if previous.status == "done":
                 recorded = previous.digits or 0
@@ -663,7 +793,6 @@ def _log_file_error(path: Path, reason: str) -> None:
 
 
 FILES_PER_BATCH = 64  # classify at least this often (then write the outputs if due, see _Unwritten)
-STATE_DB_NAME = "state.sqlite3"
 
 
 def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchReport) -> Iterator[Path]:
@@ -687,7 +816,8 @@ class _Unwritten:
     minute or so. (1,000 pages to xlsx: 257 s -> 106 s.)
     """
 
-    files: list[tuple[Path, tuple[str, str] | None, int, int]] = field(default_factory=list)  # path, error, pages, digits
+    # path, error, pages, digits, fields, flagged fields
+    files: list[tuple[Path, tuple[str, str] | None, int, int, int, int]] = field(default_factory=list)
     last_write_ended: float = field(default_factory=time.perf_counter)
     last_write_seconds: float = 0.0
 
@@ -716,19 +846,30 @@ def _classify_batch(
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
     error_rows = [
-        {"file": str(r.path), "page": None, "stage": r.error[0], "reason": r.error[1]} for r in readings if r.error
+        {"file": str(r.path), "page": r.error_page, "stage": r.error[0], "reason": r.error[1]}
+        for r in readings if r.error
     ]
     for r in readings:
+        for note in r.notes:
+            log.warning("%s: %s", r.path, note)
         if r.error:
             _log_file_error(r.path, r.error[1])
-    tables = _replace_rows(tables, [r.path for r in readings], digit_rows, field_rows, error_rows)
+    tables = _replace_rows(
+        tables, [r.path for r in readings], digit_rows, field_rows, error_rows, page_rows(good, field_rows)
+    )
     if options.annotate_dir:
         started = time.perf_counter()
         annotate_files(good, digit_rows, field_rows, options)
         report.stage_seconds["write"] += time.perf_counter() - started
     # Keep only what marking the files needs: their normalised images can be freed now.
     digits_per_file = Counter(row["file"] for row in digit_rows)
-    unwritten.files.extend((r.path, r.error, len(r.pages), digits_per_file[str(r.path)]) for r in readings)
+    fields_per_file = Counter(row["file"] for row in field_rows)
+    flagged_per_file = Counter(row["file"] for row in field_rows if row["flagged"])
+    unwritten.files.extend(
+        (r.path, r.error, len(r.pages), digits_per_file[key], fields_per_file[key], flagged_per_file[key])
+        for r in readings
+        for key in [str(r.path)]
+    )
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
     return tables
@@ -742,7 +883,6 @@ def _flush(
     classifier: Classifier,
     options: Options,
     report: BatchReport,
-    progress: Progress | None,
 ) -> None:
     """Write the tables, then mark the files classified since the last write as done (or failed)."""
     files, unwritten.files = unwritten.files, []
@@ -753,21 +893,24 @@ def _flush(
     report.stage_seconds["write"] += unwritten.last_write_seconds
     # Only now, with the outputs on disk, are the files marked: a crash before this line means
     # the next run processes them again and replaces (never duplicates) their rows.
-    for path, error, pages, digits in files:
+    for path, error, pages, digits, fields, flagged in files:
         decision = todo[path]
         if error:
             mark_failed(db, path, decision.fingerprint, stage=error[0], reason=error[1], run_id=report.run_id)
             report.failed += 1
+            file_log.info("%s: failed in %s", path, error[0])
         else:
+            file_log.info(
+                "%s: done (%s): %d pages, %d fields, %d digits, %d fields flagged",
+                path, decision.kind, pages, fields, digits, flagged,
+            )
             mark_done(
                 db, path, decision.fingerprint, model_sha=classifier.sha256, pages=pages, digits=digits,
-                run_id=report.run_id,
+                run_id=report.run_id, settings_sha=options.settings_sha(),
             )
             report.processed += 1
             report.pages += pages
             report.digits += digits
-        if progress:
-            progress.advance(path, "failed" if error else "done")
 
 
 def _replace_rows(
@@ -776,11 +919,12 @@ def _replace_rows(
     digits: list[dict] = (),
     fields: list[dict] = (),
     errors: list[dict] = (),
+    pages: list[dict] = (),
 ) -> dict[str, pd.DataFrame]:
     """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
     keys = {file_text(f) for f in files}
     keys |= {neutralise_cell(k) for k in keys}  # tables read back hold neutralised names
-    new = {"digits": digits, "fields": fields, "errors": errors}
+    new = {"digits": digits, "fields": fields, "errors": errors, "pages": pages}
     out = {}
     for name, frame in tables.items():
         kept = frame[~frame["file"].isin(keys)] if len(frame) else frame
@@ -794,4 +938,7 @@ def _write(tables: dict[str, pd.DataFrame], options: Options) -> list[Path]:
     return write_tables(ordered, options.out_dir, options.fmt)
 
 
-SORT_KEYS = {"digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"]}
+SORT_KEYS = {
+    "digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"],
+    "pages": ["file", "page"],
+}

@@ -6,7 +6,8 @@ One SQLite file (stdlib :mod:`sqlite3`, WAL journal) with two tables:
     One row per input file, keyed by its absolute path. Records the file's size, mtime and
     SHA-256 when it was last processed, the model that processed it, the outcome
     (``'done'`` or ``'failed'``), the error text and stage of a failure, pages and digits
-    found, first-seen/processed times and the run that processed it.
+    found, the settings that change results (a hash, see ``settings_sha``), first-seen/processed
+    times and the run that processed it.
 ``runs``
     One row per ``hwr-batch process`` run: start/finish time, model, counts, exit status.
     A run with no ``finished`` time crashed or was killed.
@@ -51,13 +52,14 @@ from .errors import StateDbError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump and add a migration when the schema changes
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump and add a migration (_MIGRATIONS) when the schema changes
 APPLICATION_ID = 0x48575242  # PRAGMA application_id: "HWRB", marks the file as ours
+STATE_DB_NAME = "state.sqlite3"  # the database's name in the state folder (OUT/.hwr-batch by default)
 BUSY_TIMEOUT_MS = 30_000  # wait this long for another connection's write or checkpoint
 HASH_CHUNK = 1 << 20
 
 Status = Literal["done", "failed"]
-DecisionKind = Literal["new", "changed", "stale-model", "failed", "done", "unreadable", "unstable"]
+DecisionKind = Literal["new", "changed", "stale-model", "stale-settings", "failed", "done", "unreadable", "unstable"]
 
 _SCHEMA = f"""
 CREATE TABLE runs (
@@ -65,6 +67,7 @@ CREATE TABLE runs (
     started     TEXT NOT NULL,              -- ISO 8601 UTC
     finished    TEXT,                       -- NULL: still running, crashed or killed
     model_sha   TEXT NOT NULL,
+    settings_sha TEXT,                      -- the run's settings that change results (schema 2)
     hostname    TEXT NOT NULL,
     pid         INTEGER NOT NULL,
     command     TEXT NOT NULL,
@@ -89,7 +92,8 @@ CREATE TABLE files (
     error_stage TEXT,
     first_seen  TEXT NOT NULL,              -- ISO 8601 UTC of the first mark
     processed   TEXT NOT NULL,              -- ISO 8601 UTC of the latest mark
-    run_id      INTEGER REFERENCES runs(id)
+    run_id      INTEGER REFERENCES runs(id),
+    settings_sha TEXT                       -- hash of the settings it was read with (NULL: before schema 2)
 );
 CREATE INDEX files_status_model ON files (status, model_sha);
 CREATE INDEX files_run ON files (run_id);
@@ -99,8 +103,17 @@ PRAGMA user_version = {SCHEMA_VERSION};
 
 _FILE_COLUMNS = (
     "path_key, size, mtime_ns, sha256, pages, digits, model_sha, status, error, error_stage,"
-    " first_seen, processed, run_id"
+    " first_seen, processed, run_id, settings_sha"
 )
+_RUN_COLUMNS = (
+    "id, started, finished, model_sha, hostname, pid, command, planned, done, failed, skipped, stale,"
+    " exit_status, settings_sha"
+)
+
+# Schema upgrades, applied in order to an older database: {version it upgrades to: statements}.
+_MIGRATIONS = {
+    2: ("ALTER TABLE files ADD COLUMN settings_sha TEXT", "ALTER TABLE runs ADD COLUMN settings_sha TEXT"),
+}
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,7 @@ class FileRecord:
         first_seen: ISO 8601 UTC time of the file's first mark.
         processed: ISO 8601 UTC time of its latest mark.
         run_id: the run that made the latest mark.
+        settings_sha: hash of the settings that change results it was read with (None: not recorded).
     """
 
     path: Path
@@ -149,6 +163,7 @@ class FileRecord:
     first_seen: str
     processed: str
     run_id: int | None
+    settings_sha: str | None = None
 
     @property
     def fingerprint(self) -> FileFingerprint:
@@ -164,6 +179,7 @@ class Decision:
         path: the candidate, made absolute.
         kind: why: ``'new'`` (no record), ``'changed'`` (content differs from the record; the
             old results must be replaced), ``'stale-model'`` (done with another model),
+            ``'stale-settings'`` (done with this model but other settings that change results),
             ``'failed'`` (failed before, content unchanged), ``'done'`` (done with this model,
             unchanged), ``'unreadable'`` (could not be ``stat``-ed or read now: see ``error``)
             or ``'unstable'`` (changed while being hashed: still being written; next run).
@@ -199,6 +215,7 @@ class RunRecord:
     skipped: int | None
     stale: int | None
     exit_status: int | None
+    settings_sha: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +226,8 @@ class StateSummary:
         files: files recorded.
         done: files whose last processing succeeded.
         failed: files whose last processing failed.
-        stale: done files processed with a model other than ``model_sha`` (0 if not given).
+        stale: done files processed with a model other than ``model_sha`` (0 if not given), or with
+            settings other than ``settings_sha`` (when given, and recorded for the file).
         last_run: the latest run, or None if there has been none.
     """
 
@@ -320,8 +338,26 @@ def _check_and_create_schema(conn: sqlite3.Connection, path: Path) -> None:
             f"the state database {path} has schema version {version}, newer than this hwr-batch "
             f"supports ({SCHEMA_VERSION}); upgrade hwr-batch"
         )
-    if version < SCHEMA_VERSION:  # pragma: no cover - no older schema exists yet
+    if version < SCHEMA_VERSION:
+        _migrate(conn, path, version)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Upgrade an older database in place, in one transaction (a crash leaves it at its old version)."""
+    if version < 1:
         raise StateDbError(f"the state database {path} has an unknown old schema version {version}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]  # again, under the write lock
+        for target in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.info("state database %s upgraded from schema %d to %d", path, version, SCHEMA_VERSION)
 
 
 def _describe(path: Path, e: sqlite3.Error) -> str:
@@ -440,7 +476,7 @@ class UnstableFileError(Exception):
 
 
 def _record(row: sqlite3.Row | tuple) -> FileRecord:
-    (key, size, mtime_ns, sha, pages, digits, model, status, error, stage, first, processed, run) = row
+    (key, size, mtime_ns, sha, pages, digits, model, status, error, stage, first, processed, run, settings) = row
     return FileRecord(
         Path(os.fsdecode(bytes(key))),
         size,
@@ -455,6 +491,7 @@ def _record(row: sqlite3.Row | tuple) -> FileRecord:
         first,
         processed,
         run,
+        settings,
     )
 
 
@@ -481,14 +518,28 @@ def _records(db: StateDB, paths: Sequence[Path]) -> dict[bytes, FileRecord]:
     return out
 
 
-def stale_files(db: StateDB, model_sha: str) -> list[FileRecord]:
-    """Files done with a model other than ``model_sha``, oldest processing first."""
+# Done with another model, or (settings given, and recorded for the file) with other settings.
+_STALE = (
+    "status = 'done' AND (model_sha IS NOT :model"
+    " OR (:settings IS NOT NULL AND settings_sha IS NOT NULL AND settings_sha IS NOT :settings))"
+)
+
+
+def stale_files(db: StateDB, model_sha: str, settings_sha: str | None = None) -> list[FileRecord]:
+    """Files done with a model other than ``model_sha``, or with settings other than ``settings_sha``
+    (when given; files recorded before settings were, have none and are not counted), oldest first."""
     with _errors(db):
         rows = db.conn.execute(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE status = 'done' AND model_sha IS NOT ?"
-            " ORDER BY processed, path",
-            (model_sha,),
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE {_STALE} ORDER BY processed, path",
+            {"model": model_sha, "settings": settings_sha},
         ).fetchall()
+    return [_record(r) for r in rows]
+
+
+def recorded_files(db: StateDB) -> list[FileRecord]:
+    """Every file the database has a record of, by path."""
+    with _errors(db):
+        rows = db.conn.execute(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY path").fetchall()
     return [_record(r) for r in rows]
 
 
@@ -504,19 +555,19 @@ def failed_files(db: StateDB) -> list[FileRecord]:
 def get_run(db: StateDB, run_id: int) -> RunRecord | None:
     """One run, or None if there is no such run."""
     with _errors(db):
-        row = db.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = db.conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
     return RunRecord(*row) if row else None
 
 
-def summary(db: StateDB, *, model_sha: str | None = None) -> StateSummary:
+def summary(db: StateDB, *, model_sha: str | None = None, settings_sha: str | None = None) -> StateSummary:
     """Counts of recorded, done, failed and (given the current model) stale files, and the last run."""
     with _errors(db):
         files, done, failed, stale = db.conn.execute(
             "SELECT count(*), coalesce(sum(status = 'done'), 0), coalesce(sum(status = 'failed'), 0),"
-            " coalesce(sum(status = 'done' AND ? IS NOT NULL AND model_sha IS NOT ?), 0) FROM files",
-            (model_sha, model_sha),
+            f" coalesce(sum(:model IS NOT NULL AND {_STALE}), 0) FROM files",
+            {"model": model_sha, "settings": settings_sha},
         ).fetchone()
-        row = db.conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        row = db.conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
     return StateSummary(files, done, failed, stale, RunRecord(*row) if row else None)
 
 
@@ -533,6 +584,7 @@ def plan(
     retry_failed: bool = False,
     reprocess_stale: bool = False,
     dry_run: bool = False,
+    settings_sha: str | None = None,
 ) -> list[Decision]:
     """Decide, for each candidate file, whether this run processes it.
 
@@ -542,6 +594,8 @@ def plan(
     * ``new`` (no record) and ``changed`` (content hash differs): processed.
     * ``stale-model`` (done, content unchanged, other model): processed only with
       ``reprocess_stale`` or ``force``; otherwise skipped but counted (see :func:`summary`).
+    * ``stale-settings`` (done with this model, but the recorded ``settings_sha`` differs from
+      the one given): treated like ``stale-model``. A file with no recorded settings is ``done``.
     * ``failed`` (failed, content unchanged): processed only with ``retry_failed`` or ``force``.
       A failed file whose content changed is ``changed``, so fixing a file retries it.
     * ``done`` (done with this model, content unchanged): processed only with ``force``.
@@ -558,6 +612,7 @@ def plan(
         db: the state database.
         candidates: input files; made absolute, duplicates dropped, order kept.
         model_sha: SHA-256 of the model this run uses.
+        settings_sha: hash of this run's settings that change results (None: not compared).
         force: process every readable candidate.
         retry_failed: process files that failed before.
         reprocess_stale: process files done with another model.
@@ -605,6 +660,8 @@ def plan(
             decisions.append(Decision(path, "failed", force or retry_failed, fp, prev))
         elif prev.model_sha != model_sha:
             decisions.append(Decision(path, "stale-model", force or reprocess_stale, fp, prev))
+        elif settings_sha is not None and prev.settings_sha is not None and prev.settings_sha != settings_sha:
+            decisions.append(Decision(path, "stale-settings", force or reprocess_stale, fp, prev))
         else:
             decisions.append(Decision(path, "done", force, fp, prev))
     if touched and not dry_run:
@@ -627,14 +684,15 @@ def _now() -> str:
 
 _UPSERT = """
 INSERT INTO files (path_key, path, size, mtime_ns, sha256, pages, digits, model_sha, status,
-                   error, error_stage, first_seen, processed, run_id)
+                   error, error_stage, first_seen, processed, run_id, settings_sha)
 VALUES (:key, :path, :size, :mtime_ns, :sha256, :pages, :digits, :model_sha, :status,
-        :error, :stage, :now, :now, :run_id)
+        :error, :stage, :now, :now, :run_id, :settings_sha)
 ON CONFLICT (path_key) DO UPDATE SET
     path = excluded.path, size = excluded.size, mtime_ns = excluded.mtime_ns,
     sha256 = excluded.sha256, pages = excluded.pages, digits = excluded.digits,
     model_sha = excluded.model_sha, status = excluded.status, error = excluded.error,
-    error_stage = excluded.error_stage, processed = excluded.processed, run_id = excluded.run_id
+    error_stage = excluded.error_stage, processed = excluded.processed, run_id = excluded.run_id,
+    settings_sha = excluded.settings_sha
 """
 
 
@@ -663,6 +721,7 @@ def mark_done(
     pages: int,
     digits: int,
     run_id: int | None,
+    settings_sha: str | None = None,
 ) -> None:
     """Record that ``file`` was processed and its outputs written, in one short transaction.
 
@@ -688,6 +747,7 @@ def mark_done(
         error=None,
         stage=None,
         run_id=run_id,
+        settings_sha=settings_sha,
     )
 
 
@@ -720,6 +780,7 @@ def mark_failed(
         error=_text(reason),
         stage=_text(stage),
         run_id=run_id,
+        settings_sha=None,
     )
 
 
@@ -736,11 +797,14 @@ def forget(db: StateDB, files: Iterable[Path]) -> int:
 # Runs
 
 
-def begin_run(db: StateDB, *, model_sha: str, command: Sequence[str] | str | None = None) -> int:
+def begin_run(
+    db: StateDB, *, model_sha: str, command: Sequence[str] | str | None = None, settings_sha: str | None = None
+) -> int:
     """Record the start of a run; returns its id, to pass to the marks and :func:`finish_run`.
 
     Args:
         model_sha: SHA-256 of the model this run uses.
+        settings_sha: hash of the run's settings that change results.
         command: the command line (default ``sys.argv``).
     """
     if command is None:
@@ -748,8 +812,8 @@ def begin_run(db: StateDB, *, model_sha: str, command: Sequence[str] | str | Non
     text = command if isinstance(command, str) else " ".join(command)
     with _transaction(db) as conn:
         cur = conn.execute(
-            "INSERT INTO runs (started, model_sha, hostname, pid, command) VALUES (?, ?, ?, ?, ?)",
-            (_now(), model_sha, _text(socket.gethostname()), os.getpid(), _text(text)),
+            "INSERT INTO runs (started, model_sha, settings_sha, hostname, pid, command) VALUES (?, ?, ?, ?, ?, ?)",
+            (_now(), model_sha, settings_sha, _text(socket.gethostname()), os.getpid(), _text(text)),
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -774,7 +838,7 @@ def finish_run(
         The finished run's record.
     """
     with _transaction(db) as conn:
-        model = conn.execute("SELECT model_sha FROM runs WHERE id = ?", (run_id,)).fetchone()
+        model = conn.execute("SELECT model_sha, settings_sha FROM runs WHERE id = ?", (run_id,)).fetchone()
         if model is None:
             raise StateDbError(f"state database {db.path}: no run with id {run_id}")
         done, failed = conn.execute(
@@ -783,7 +847,7 @@ def finish_run(
             (run_id,),
         ).fetchone()
         stale = conn.execute(
-            "SELECT count(*) FROM files WHERE status = 'done' AND model_sha IS NOT ?", (model[0],)
+            f"SELECT count(*) FROM files WHERE {_STALE}", {"model": model[0], "settings": model[1]}
         ).fetchone()[0]
         conn.execute(
             "UPDATE runs SET finished = ?, planned = ?, done = ?, failed = ?, skipped = ?, stale = ?,"

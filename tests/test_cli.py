@@ -15,7 +15,7 @@ from hwr_batch.errors import ExitCode
 def test_help_lists_the_commands_and_exit_codes(cli):
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("process", "train", "evaluate", "export-onnx", "download-mnist"):
+    for command in ("process", "status", "train", "evaluate", "export-onnx", "download-mnist"):
         assert command in result.stdout
     text = " ".join(result.stdout.split())  # help text is wrapped to the terminal width
     assert "7 another run holds the lock" in text and "130 interrupted" in text
@@ -102,8 +102,8 @@ def test_process_option_defaults_are_the_python_api_defaults():
     api = Options(inputs=())
     pairs = {
         "out": "out_dir", "fmt": "fmt", "per_run": "per_run", "fields": "field_mode",
-        "min_confidence": "min_confidence", "pdf_dpi": "pdf_dpi", "max_megapixels": "max_megapixels",
-        "jobs": "jobs", "force": "force", "retry_failed": "retry_failed", "reprocess_stale": "reprocess_stale",
+        "min_confidence": "min_confidence", "pdf_dpi": "pdf_dpi", "dpi": "dpi", "max_megapixels": "max_megapixels",
+        "jobs": "jobs", "force": "force", "retry_failed": "retry_failed", "reprocess_stale": "reprocess_stale", "prune": "prune",
         "batch_digits": "batch_digits",
     }
     for cli_name, api_name in pairs.items():

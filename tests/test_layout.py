@@ -122,3 +122,20 @@ def test_field_is_frozen(pages):
         f.kind = "line"  # type: ignore[misc]
     with pytest.raises(ValueError):
         analyse_page(pages[0][0], mode="columns")
+
+
+def test_choose_dpi_trusts_plausible_tags_and_estimates_the_rest_from_the_page_size():
+    from hwr_batch.layout import choose_dpi
+
+    a4_at_300 = (3508, 2480)
+    assert choose_dpi(300.0, a4_at_300) == (300.0, "")
+    assert choose_dpi(None, a4_at_300)[0] == pytest.approx(300, abs=0.5)  # untagged: from the size, silently
+    for wrong in (72.0, 1.0, 600.0, 150.0):  # each would make it a page no form is printed on
+        dpi, why = choose_dpi(wrong, a4_at_300)
+        assert dpi == pytest.approx(300, abs=0.5) and f"its {wrong:.0f} dpi tag" in why
+    assert choose_dpi(600.0, (4960, 3496)) == (600.0, "")  # an A5 page at 600 dpi is one: its tag holds
+    assert choose_dpi(200.0, (2200, 1700)) == (200.0, "")  # Letter at 200 dpi
+    assert choose_dpi(600.0, (120, 700)) == (600.0, "")  # a crop: nothing to check the tag against
+    assert choose_dpi(72.0, (120, 700)) == (
+        300.0, "its 72 dpi tag is implausible; read at 300 dpi, the default for an image that is not a full page"
+    )

@@ -76,7 +76,7 @@ def test_names_that_are_not_utf8_are_safe_in_tables_logs_and_annotations(
     log = log_file.read_bytes().decode("utf-8")
     assert "Logging error" not in log and "Traceback" not in log
     assert f"ERROR {bad}: not an image" in log
-    assert len(list(pages.glob("*.png"))) == 2  # the PNG and the PDF page: written, no crash in OpenCV
+    assert len(list(pages.glob("*.jpg"))) == 2  # the PNG scan and the PDF page: written, no crash in OpenCV
 
     xlsx = cli("--json-logs", "process", inbox, "--out", tmp_path / "xlsx", "--format", "xlsx", "-j", "1")
     assert xlsx.returncode == ExitCode.partial_failure, xlsx.stderr

@@ -55,3 +55,50 @@ def test_wheel_carries_the_model_and_process_runs_from_it(tmp_path):
     assert run.returncode == 0, run.stderr
     fields = pd.read_csv(tmp_path / "out" / "fields.csv", dtype={"digits": str})
     assert len(fields) > 0 and fields["digits"].notna().any()
+
+
+TRAINING_DISTRIBUTIONS = ("tensorflow", "tf2onnx", "keras", "tensorboard", "tf_keras")
+
+
+@pytest.fixture(scope="module")
+def env_without_tensorflow(tmp_path_factory) -> dict[str, str]:
+    """An environment holding every installed package but the training stack (as a plain `pip install`
+    now gives): a folder of links to this environment's site-packages less TensorFlow, tf2onnx and
+    Keras, run with `python -S` so that the real site-packages is not on the path."""
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    farm = tmp_path_factory.mktemp("site-without-tf")
+    for entry in site.iterdir():
+        if entry.name.lower().startswith(TRAINING_DISTRIBUTIONS) or entry.suffix == ".pth":
+            continue
+        (farm / entry.name).symlink_to(entry)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return env | {"PYTHONPATH": os.pathsep.join([str(REPO), str(farm)])}
+
+
+def run_without_tensorflow(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-S", "-m", "hwr_batch", *args]
+    return subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_process_runs_without_tensorflow(env_without_tensorflow, tmp_path):
+    blocked = subprocess.run(
+        [sys.executable, "-S", "-c", "import tensorflow"], check=False, env=env_without_tensorflow, capture_output=True
+    )
+    assert blocked.returncode != 0  # the environment really has no TensorFlow
+    run = run_without_tensorflow(
+        env_without_tensorflow, "-q", "process", str(REPO / "samples" / "page_0001.png"), "-o", str(tmp_path / "out"), cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    assert pd.read_csv(tmp_path / "out" / "fields.csv", dtype={"digits": str})["digits"].notna().any()
+
+
+@pytest.mark.parametrize("command", ["train", "export-onnx"])
+def test_training_commands_say_how_to_install_the_training_extra(env_without_tensorflow, tmp_path, command):
+    args = [command] if command == "train" else [command, str(REPO / "models" / "hwr-digits.keras")]
+    run = run_without_tensorflow(env_without_tensorflow, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert run.returncode == 4, run.stderr
+    assert f"`hwr-batch {command}` needs tensorflow and tf2onnx" in run.stderr
+    assert "pip install 'hwr-batch[train]'" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -86,7 +87,7 @@ def test_process_reads_forms_in_every_format(forms, tmp_path, cli):
     assert len(digits) == tables["fields"]["digit_count"].sum()
     assert set(digits.columns) >= {"confidence", "second_choice", "second_confidence", "flagged"}
     assert (digits["confidence"] >= digits["second_confidence"]).all()
-    assert len(list((tmp_path / "pages").glob("*.png"))) == len(truths)
+    assert len(list((tmp_path / "pages").glob("*.jpg"))) == len(truths)
 
 
 def test_whole_mode_reads_a_single_field_crop(tmp_path, mnist_test_small, confident_digits, cli):
@@ -102,3 +103,113 @@ def test_whole_mode_reads_a_single_field_crop(tmp_path, mnist_test_small, confid
     digits = pd.read_csv(tmp_path / "out" / "digits.csv", dtype={"digit": str})
     assert digits["digit"].tolist() == list("31415") and digits["position"].tolist() == [1, 2, 3, 4, 5]
     assert (digits["x"].diff().dropna() > 0).all()  # left to right
+
+
+def test_every_page_read_has_a_row_in_the_pages_table(tmp_path, cli):
+    """A page with no field, an all-black page and a blank scan used to leave no trace in any table."""
+    import cv2
+    from conftest import REPO
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "white.png"), np.full((3508, 2480), 245, np.uint8))
+    cv2.imwrite(str(folder / "black.png"), np.full((3508, 2480), 8, np.uint8))
+    text_only = np.full((3508, 2480), 240, np.uint8)
+    cv2.putText(text_only, "PRINTED TITLE", (300, 300), cv2.FONT_HERSHEY_SIMPLEX, 3, 20, 6)
+    cv2.imwrite(str(folder / "text only.png"), text_only)
+    form = REPO / "samples" / "page_0001.png"
+    (folder / "form.png").write_bytes(form.read_bytes())
+    for fmt in ("csv", "xlsx"):
+        out = tmp_path / fmt
+        result = cli("process", folder, "--out", out, "--format", fmt, "--jobs", "1")
+        assert result.returncode == 0, result.stderr
+        tables = read_tables(out, fmt)
+        pages = tables["pages"].set_index("file")
+        status = {Path(f).name: s for f, s in pages["status"].items()}
+        assert status == {"white.png": "blank", "black.png": "all black", "text only.png": "no fields", "form.png": "read"}
+        row = pages.loc[str((folder / "form.png").absolute())]
+        fields = tables["fields"]
+        assert row["fields"] == len(fields) and row["digit_count"] == fields["digit_count"].sum()
+        assert row["flagged_fields"] == fields["flagged"].sum() and row["page"] == 1
+        assert 190 < row["dpi"] < 210  # the sample is a 200 dpi A4 page
+    assert (tmp_path / "csv" / "pages.csv").is_file()
+
+
+def test_a_wrong_resolution_tag_is_ignored_and_logged_and_dpi_overrides_it(tmp_path, mnist_test_small, cli):
+    """The same pixels tagged 600 dpi lost 8 of 10 fields, tagged 72 dpi read 12 empty ones, untagged TIFF lost all."""
+    from PIL import Image
+
+    from hwr_batch.synth import write_forms
+
+    (page,) = write_forms(tmp_path / "gen", 1, seed=3, digits=mnist_test_small, formats=("png",), dpi=300)
+    image = Image.open(page)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image.save(folder / "right.png", dpi=(300, 300))
+    image.save(folder / "tagged 600.png", dpi=(600, 600))
+    image.save(folder / "tagged 72.png", dpi=(72, 72))
+    image.save(folder / "untagged.tif")  # Pillow reads (1, 1): no resolution unit
+    result = cli("process", folder, "--out", tmp_path / "out", "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    tables = read_tables(tmp_path / "out")
+    read = tables["fields"].groupby("file")["digits"].apply(list).to_dict()
+    right = read.pop(str((folder / "right.png").absolute()))
+    assert len(right) >= 10 and all(fields == right for fields in read.values()), read
+    assert set(tables["pages"]["dpi"]) == {300.0}
+    for name, tag in (("tagged 600.png", 600), ("tagged 72.png", 72), ("untagged.tif", 1)):
+        assert f"{name}: page 1: its {tag} dpi tag" in result.stderr
+    assert "right.png: page" not in result.stderr
+
+    forced = cli("process", folder / "right.png", "--out", tmp_path / "forced", "--jobs", "1", "--dpi", "600")
+    assert forced.returncode == 0 and "dpi tag" not in forced.stderr
+    assert read_tables(tmp_path / "forced")["pages"]["dpi"].tolist() == [600.0]
+
+
+def covered_ink(page: np.ndarray, annotated: np.ndarray, fields: pd.DataFrame, margin: int) -> int:
+    """Pixels on or within 3 px of ink on the page (outside every field box) that the annotation painted in colour."""
+    import cv2
+
+    colour = annotated.max(axis=2).astype(int) - annotated.min(axis=2).astype(int) > 80
+    near_ink = cv2.dilate((page < 100).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    outside = np.ones(page.shape, bool)
+    for x, y, w, h in fields[["x", "y", "width", "height"]].itertuples(index=False):
+        outside[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin] = False
+    return int(np.count_nonzero(colour & near_ink & outside))
+
+
+def test_annotations_label_fields_without_covering_print_and_are_jpeg(tmp_path, mnist_test_small, cli):
+    import cv2
+    from conftest import REPO, digit_strip
+
+    from hwr_batch.load import iter_pages
+
+    form = REPO / "samples" / "page_0001.png"  # its labels used to cover the printed word "Pin"
+    result = cli("process", form, "--out", tmp_path / "out", "--annotate", tmp_path / "pages")
+    assert result.returncode == 0, result.stderr
+    (picture,) = (tmp_path / "pages").iterdir()
+    assert picture.suffix == ".jpg" and picture.read_bytes()[:2] == b"\xff\xd8"
+    page = next(iter_pages(form)).gray
+    annotated = cv2.imread(str(picture))
+    assert annotated.shape[:2] == page.shape  # every label found room on the page
+    fields = read_tables(tmp_path / "out")["fields"]
+    assert covered_ink(page, annotated, fields, margin=6) < 10  # 0 when measured; labels over "Pin" made 57+
+
+    # A 300 dpi A4 page (13 MB as PNG before) and a small crop, flagged: its label goes in a margin.
+    big = REPO / "samples" / "page_0002.jpg"
+    crop = tmp_path / "crop.png"
+    cv2.imwrite(str(crop), digit_strip(mnist_test_small, [0, 1, 2]))
+    result = cli("process", big, crop, "--out", tmp_path / "out2", "--annotate", tmp_path / "pages2", "--min-confidence", "1")
+    assert result.returncode == 0, result.stderr
+    pictures = {p.name.split("-p1-")[0]: p for p in (tmp_path / "pages2").iterdir()}
+    assert pictures["page_0002"].stat().st_size < 3_000_000
+    crop_picture = cv2.imread(str(pictures["crop"]))
+    height, width = cv2.imread(str(crop), cv2.IMREAD_GRAYSCALE).shape
+    assert crop_picture.shape[0] > height and crop_picture.shape[1] >= width  # a margin holds the label
+
+
+def test_field_label_names_the_field_and_why_it_is_flagged():
+    from hwr_batch.annotate import field_label
+
+    assert field_label({"field": 3, "digits": "0421", "flagged": False, "flag_reason": ""}) == "#3: 0421"
+    flagged = {"field": 7, "digits": "", "flagged": True, "flag_reason": "no digits found"}
+    assert field_label(flagged) == "#7: ? (no digits found)"

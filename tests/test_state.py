@@ -194,6 +194,70 @@ def test_stale_model_is_counted_and_listed_but_reprocessed_only_on_request(db, t
     assert (s.files, s.done, s.failed, s.stale, s.last_run.id) == (2, 2, 0, 1, run)
 
 
+SETTINGS_A = "1" * 64
+SETTINGS_B = "2" * 64
+
+
+def test_other_settings_are_stale_like_another_model(db, tmp_path):
+    a = write(tmp_path / "a.pdf", "a")
+    b = write(tmp_path / "b.pdf", "b")
+    old = write(tmp_path / "old.pdf", "old")
+    for path in (a, b):
+        (d,) = plan(db, [path], model_sha=MODEL_A, settings_sha=SETTINGS_A)
+        mark_done(db, path, d.fingerprint, model_sha=MODEL_A, pages=1, digits=3, run_id=None, settings_sha=SETTINGS_A)
+    (d,) = plan(db, [old], model_sha=MODEL_A)
+    mark_done(db, old, d.fingerprint, model_sha=MODEL_A, pages=1, digits=3, run_id=None)  # no settings recorded
+    assert get_record(db, a).settings_sha == SETTINGS_A and get_record(db, old).settings_sha is None
+    assert kinds(plan(db, [a, b, old], model_sha=MODEL_A, settings_sha=SETTINGS_A)) == {
+        "a.pdf": ("done", False), "b.pdf": ("done", False), "old.pdf": ("done", False),
+    }
+    assert kinds(plan(db, [a, b, old], model_sha=MODEL_A, settings_sha=SETTINGS_B)) == {
+        "a.pdf": ("stale-settings", False), "b.pdf": ("stale-settings", False), "old.pdf": ("done", False),
+    }
+    assert kinds(plan(db, [a], model_sha=MODEL_A, settings_sha=SETTINGS_B, reprocess_stale=True)) == {
+        "a.pdf": ("stale-settings", True)
+    }
+    assert {r.path for r in stale_files(db, MODEL_A, SETTINGS_B)} == {a, b}
+    assert stale_files(db, MODEL_A, SETTINGS_A) == [] and stale_files(db, MODEL_A) == []
+    assert summary(db, model_sha=MODEL_A, settings_sha=SETTINGS_B).stale == 2
+
+    run = begin_run(db, model_sha=MODEL_A, settings_sha=SETTINGS_B)
+    (d,) = plan(db, [a], model_sha=MODEL_A, settings_sha=SETTINGS_B, reprocess_stale=True)
+    mark_done(db, a, d.fingerprint, model_sha=MODEL_A, pages=1, digits=3, run_id=run, settings_sha=SETTINGS_B)
+    finished = finish_run(db, run, exit_status=0)
+    assert (finished.done, finished.stale, finished.settings_sha) == (1, 1, SETTINGS_B)  # b is still stale
+
+
+def test_a_schema_1_database_is_upgraded_in_place(tmp_path):
+    """A state database written before settings were recorded keeps its records, with no settings."""
+    path = tmp_path / "state.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, started TEXT NOT NULL, finished TEXT,
+            model_sha TEXT NOT NULL, hostname TEXT NOT NULL, pid INTEGER NOT NULL, command TEXT NOT NULL,
+            planned INTEGER, done INTEGER, failed INTEGER, skipped INTEGER, stale INTEGER, exit_status INTEGER);
+        CREATE TABLE files (path_key BLOB PRIMARY KEY, path TEXT NOT NULL, size INTEGER, mtime_ns INTEGER,
+            sha256 TEXT, pages INTEGER, digits INTEGER, model_sha TEXT,
+            status TEXT NOT NULL CHECK (status IN ('done', 'failed')), error TEXT, error_stage TEXT,
+            first_seen TEXT NOT NULL, processed TEXT NOT NULL, run_id INTEGER REFERENCES runs(id));
+        INSERT INTO runs (started, finished, model_sha, hostname, pid, command) VALUES ('t0', 't1', 'm', 'h', 1, 'c');
+        INSERT INTO files VALUES (CAST('/scans/a.png' AS BLOB), '/scans/a.png', 1, 2, 's', 1, 3, 'm', 'done',
+            NULL, NULL, 't0', 't1', 1);
+        PRAGMA application_id = 1213682242;
+        PRAGMA user_version = 1;
+        """
+    )
+    conn.close()
+    with open_state(path) as db:
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        record = get_record(db, Path("/scans/a.png"))
+        assert (record.status, record.digits, record.settings_sha) == ("done", 3, None)
+        assert summary(db, model_sha="m", settings_sha=SETTINGS_A).stale == 0
+        run = begin_run(db, model_sha="m", settings_sha=SETTINGS_A)
+        assert finish_run(db, run, exit_status=0).settings_sha == SETTINGS_A
+
+
 ODD_NAMES = [
     "with space.pdf",
     "comma,separated.pdf",

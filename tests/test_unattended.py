@@ -394,7 +394,7 @@ def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, mnist_test_
         result = cli("process", folder, "--out", folder / "results", "--annotate", folder / "results" / "pages")
         assert result.returncode == 0, result.stderr
     assert fields_by_file(folder / "results") == truth
-    assert len(list((folder / "results" / "pages").glob("*.png"))) == 2
+    assert len(list((folder / "results" / "pages").glob("*.jpg"))) == 2
 
 
 def test_damaged_table_and_bad_config_get_their_exit_codes(tmp_path, scans, cli):
@@ -530,3 +530,101 @@ def test_a_file_whose_reader_process_dies_is_reported_and_the_rest_are_read(tmp_
     errors = read_tables(out)["errors"]
     assert errors["file"].tolist() == [str(fatal)]
     assert "the process reading it died" in errors["reason"].iloc[0]
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in process group ``pgid`` (from /proc)."""
+    pids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat_file.parent.name))
+    return pids
+
+
+def wait_for_group_to_empty(pgid: int, seconds: float = 30) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := processes_in_group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def start_in_own_group(folder: Path, out: Path, log: Path) -> subprocess.Popen:
+    """A `process -j 2` run in a process group of its own, once it has written its first tables (workers busy).
+
+    Its stderr goes to ``log``, not a pipe: a worker left behind would hold a pipe open for ever.
+    """
+    command = [sys.executable, "-m", "hwr_batch", "process", str(folder), "--out", str(out), "--jobs", "2", "--batch-digits", "8"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "fields.csv").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    assert len(processes_in_group(process.pid)) >= 3  # the main process, the forkserver and workers
+    return process
+
+
+@pytest.mark.slow
+def test_workers_and_forkserver_die_when_the_main_process_is_killed(tmp_path, mnist_test_small, confident_digits):
+    folder = tmp_path / "scans"
+    write_scans(folder, mnist_test_small, confident_digits, 40, seed=13)
+    process = start_in_own_group(folder, tmp_path / "out", tmp_path / "stderr.txt")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    left = wait_for_group_to_empty(process.pid)
+    for pid in left:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_cleanly_and_leaves_no_process(tmp_path, mnist_test_small, confident_digits):
+    """What systemd does on `systemctl stop`: SIGTERM to every process of the unit."""
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 40, seed=14)
+    out = tmp_path / "out"
+    process = start_in_own_group(folder, out, tmp_path / "stderr.txt")
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    left = wait_for_group_to_empty(process.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert process.returncode == ExitCode.ctrl_c, stderr
+    assert "died" not in stderr and "Traceback" not in stderr, stderr
+    assert left == []
+    partial = fields_by_file(out)
+    assert partial == {path: truth[path] for path in partial}
+
+
+def test_a_change_of_settings_is_counted_stale_and_redone_on_request(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 3, seed=15)
+    out = tmp_path / "out"
+    assert cli("process", folder, "--out", out, "--jobs", "1").returncode == 0
+    fields = read_tables(out)["fields"]
+    assert not fields["flagged"].any()  # confidently read digits: nothing flagged at 0.8
+
+    strict = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0")
+    assert strict.returncode == 0, strict.stderr
+    assert "3 files were read with other settings that change results" in strict.stderr
+    assert "min-confidence=1.0" in strict.stderr and "--reprocess-stale redoes them" in strict.stderr
+    assert "0 to process" in strict.stderr and "3 stale" in strict.stderr
+    assert not read_tables(out)["fields"]["flagged"].any()  # kept as read
+    (out / "fields.csv").unlink()  # a stale file is still checked against the tables
+    (out / "digits.csv").unlink()
+    rebuilt = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0")
+    assert "3 to process" in rebuilt.stderr and fields_by_file(out) == truth
+
+    redone = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "0.9", "--reprocess-stale")
+    assert redone.returncode == 0, redone.stderr
+    assert "3 to process" in redone.stderr and "0 stale" in redone.stderr
+    assert fields_by_file(out) == truth
+    strict = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0", "--reprocess-stale")
+    assert "3 to process" in strict.stderr and read_tables(out)["fields"]["flagged"].all()
+    again = cli("process", folder, "--out", out, "--jobs", "1", "--min-confidence", "1.0")
+    assert "0 to process" in again.stderr and "other settings" not in again.stderr
