@@ -130,7 +130,7 @@ def generated_form_fields(
     drawn from MNIST's *training* digits, so that the generated-forms score (test digits) stays clean.
     """
     from .layout import analyse_page
-    from .pipeline import field_image, segmenting_scale
+    from .segment import field_image, segmenting_scale
     from .synth import box_iou, make_form
 
     fields = []

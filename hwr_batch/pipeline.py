@@ -33,11 +33,11 @@ from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
 from .export import CUT_SHORT_AT, empty_tables, read_tables, to_frame, write_tables
-from .layout import Field, Layout, analyse_page, choose_dpi
+from .layout import analyse_page, choose_dpi
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .runlock import acquire_lock
-from .segment import FieldCandidates, read_field, segment_field_candidates
+from .segment import FieldCandidates, field_image, read_field, segment_field_candidates, segmenting_scale
 from .state import (
     STATE_DB_NAME,
     Decision,
@@ -225,24 +225,6 @@ ONE_TONE_CONTRAST = 48
 ONE_TONE_MAX_MARKS = 1e-4
 
 
-def segmenting_scale(layout: Layout) -> float:
-    """The factor by which a page's fields are resized before they are segmented.
-
-    Fields on a page scanned finer than SEGMENT_DPI are segmented at SEGMENT_DPI: digits 5-8 mm tall
-    are then 40-63 px, plenty for a 20x20 box, and segmenting a 300 dpi page costs 40% less
-    (measured on 30 generated pages: same digit accuracy, field exact-match 82.7% -> 85.1%).
-    Crops of a single field ("whole") keep their resolution: their dpi is unknown.
-    """
-    return SEGMENT_DPI / layout.dpi if layout.mode != "whole" and layout.dpi > SEGMENT_DPI * 1.15 else 1.0
-
-
-def field_image(found: Field, scale: float) -> np.ndarray:
-    """A field's image as it is segmented (resized by ``scale``)."""
-    if scale == 1.0:
-        return found.image
-    return cv2.resize(found.image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-
-
 def iter_field_images(path: Path, settings: ReadSettings = ReadSettings()) -> Iterator[tuple[int, int, np.ndarray]]:
     """(page, field, image) of every field of a file, numbered as in ``fields.csv`` (from 1), each image
     as ``process`` segments it. Raises :class:`HwrError` for a file that cannot be read."""
@@ -265,9 +247,6 @@ def read_page(
     images: list[np.ndarray] = []
     page = _read_page(gray, index, dpi, settings, images, dict.fromkeys(STAGES[:4], 0.0))
     return page, (np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
-
-
-SEGMENT_DPI = 200
 
 
 def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 1) -> Iterator[FileReading]:
