@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .normalise import DIGIT_LABELS, IMAGE_SIZE
+from .normalise import IMAGE_SIZE
+
+# Class labels, one character per output of a model, in output order. A model names its own in its metadata
+# ("labels"); one without is a digit model.
+DIGIT_LABELS = "0123456789"
+LETTER_LABELS = "abcdefghijklmnopqrstuvwxyz"
 
 MODEL_ENV = "HWR_BATCH_MODEL"
 # The model that ships: hwr_batch/models/ in an installed wheel, models/ beside the package in a clone

@@ -16,8 +16,6 @@ import numpy as np
 IMAGE_SIZE = 28  # MNIST images are 28x28 ...
 BOX_SIZE = 20  # ... with the digit's bounding box scaled to fit 20x20
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
-DIGIT_LABELS = "0123456789"
-LETTER_LABELS = "abcdefghijklmnopqrstuvwxyz"
 
 STROKE_WIDTH = 2.2  # median MNIST stroke width (px, 28x28 frame, ink > 0.5), measured as 2 * area / perimeter
 STROKE_TOLERANCE = (0.7, 1.5)  # widths within these factors of the target are left alone

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .classify import DIGIT_LABELS, LETTER_LABELS
 from .mnist import SPLIT_FILES, LabelledImages, default_data_dir, load_mnist, verify_mnist
-from .normalise import DIGIT_LABELS, INPUT_SHAPE, LETTER_LABELS
+from .normalise import INPUT_SHAPE
 
 if TYPE_CHECKING:
     import keras
