@@ -1,4 +1,4 @@
-"""Outputs that survive crashes, and spreadsheets that cannot run formulas.
+"""Outputs that survive crashes, and file names shown safely in tables and logs.
 
 Every output is written to a temporary file in the target's folder (so the final rename never
 crosses file systems), flushed, ``fsync``-ed, renamed onto the target with :func:`os.replace`
@@ -23,14 +23,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-# Cells starting with these are formulas (or DDE payloads) to Excel, LibreOffice and Sheets:
-# OWASP "CSV Injection".
-FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+from typing import IO, Any
 
 _TEMP_RE = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)-(?P<rand>[0-9a-f]{8})(?P<suffix>.*)", re.DOTALL)
 _MAX_NAME_BYTES = 200  # leaves room for the temp decoration within NAME_MAX (255 bytes)
@@ -308,57 +301,3 @@ def parse_display_text(text: str) -> str:
         return "\\"
 
     return _DISPLAY_ESCAPE.sub(unescape, text)
-
-
-def neutralise_cell(value: object) -> object:
-    """One cell as :func:`neutralise_formulas` writes it: a string a spreadsheet would run as a
-    formula gets a leading apostrophe; anything else is returned as it is."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS) else value
-
-
-def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``df`` safe to open in a spreadsheet (OWASP CSV injection defence).
-
-    Every string cell that starts with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a
-    leading apostrophe, so Excel, LibreOffice and Sheets show it as text instead of evaluating
-    it (and openpyxl writes it as a string, not a formula). Only ``str`` values are changed:
-    numeric, boolean and date columns, and numbers inside mixed object columns (``-1`` as an
-    int), are left alone; the string ``"-1"`` is neutralised. String column labels and index
-    labels are treated the same way, as they become header cells.
-
-    Args:
-        df: the table to export.
-
-    Returns:
-        A new DataFrame; ``df`` is not modified.
-    """
-    import pandas as pd
-
-    out = df.copy()
-    for i in range(out.shape[1]):
-        col = out.iloc[:, i]
-        dtype = col.dtype
-        if isinstance(dtype, pd.CategoricalDtype):
-            cats = dtype.categories
-            if cats.dtype == object or pd.api.types.is_string_dtype(cats.dtype):
-                try:
-                    out.isetitem(i, col.cat.rename_categories([neutralise_cell(c) for c in cats]))
-                except ValueError:  # a fixed name collides with an existing category
-                    out.isetitem(i, col.astype(object).map(neutralise_cell, na_action="ignore"))
-            continue
-        if not (dtype == object or pd.api.types.is_string_dtype(dtype)):
-            continue
-        out.isetitem(i, col.map(neutralise_cell, na_action="ignore").astype(dtype))
-    out.columns = _fix_index(out.columns, neutralise_cell)
-    out.index = _fix_index(out.index, neutralise_cell)
-    return out
-
-
-def _fix_index(index: pd.Index, fix: Callable[[object], object]) -> pd.Index:
-    import pandas as pd
-
-    if isinstance(index, pd.MultiIndex):
-        return index.set_levels([_fix_index(level, fix) for level in index.levels], verify_integrity=False)
-    if index.dtype == object or pd.api.types.is_string_dtype(index.dtype):
-        return index.map(fix)
-    return index

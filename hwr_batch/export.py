@@ -6,12 +6,12 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_output, atomic_path, display_text, neutralise_formulas
+from .atomic import atomic_output, atomic_path, display_text
 from .errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -259,3 +259,58 @@ def _read_sheets(path: Path, name: str, dtype: dict[str, str]) -> pd.DataFrame |
             pd.read_excel(workbook, sheet_name=s, dtype=dtype, keep_default_na=False, na_values=[""]) for s in sheets
         ]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+# Cells starting with these are formulas (or DDE payloads) to Excel, LibreOffice and Sheets:
+# OWASP "CSV Injection".
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: object) -> object:
+    """One cell as :func:`neutralise_formulas` writes it: a string a spreadsheet would run as a
+    formula gets a leading apostrophe; anything else is returned as it is."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS) else value
+
+
+def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` safe to open in a spreadsheet (OWASP CSV injection defence).
+
+    Every string cell that starts with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a
+    leading apostrophe, so Excel, LibreOffice and Sheets show it as text instead of evaluating
+    it (and openpyxl writes it as a string, not a formula). Only ``str`` values are changed:
+    numeric, boolean and date columns, and numbers inside mixed object columns (``-1`` as an
+    int), are left alone; the string ``"-1"`` is neutralised. String column labels and index
+    labels are treated the same way, as they become header cells.
+
+    Args:
+        df: the table to export.
+
+    Returns:
+        A new DataFrame; ``df`` is not modified.
+    """
+    out = df.copy()
+    for i in range(out.shape[1]):
+        col = out.iloc[:, i]
+        dtype = col.dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            cats = dtype.categories
+            if cats.dtype == object or pd.api.types.is_string_dtype(cats.dtype):
+                try:
+                    out.isetitem(i, col.cat.rename_categories([neutralise_cell(c) for c in cats]))
+                except ValueError:  # a fixed name collides with an existing category
+                    out.isetitem(i, col.astype(object).map(neutralise_cell, na_action="ignore"))
+            continue
+        if not (dtype == object or pd.api.types.is_string_dtype(dtype)):
+            continue
+        out.isetitem(i, col.map(neutralise_cell, na_action="ignore").astype(dtype))
+    out.columns = _fix_index(out.columns, neutralise_cell)
+    out.index = _fix_index(out.index, neutralise_cell)
+    return out
+
+
+def _fix_index(index: pd.Index, fix: Callable[[object], object]) -> pd.Index:
+    if isinstance(index, pd.MultiIndex):
+        return index.set_levels([_fix_index(level, fix) for level in index.levels], verify_integrity=False)
+    if index.dtype == object or pd.api.types.is_string_dtype(index.dtype):
+        return index.map(fix)
+    return index

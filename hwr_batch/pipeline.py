@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 
 from .annotate import annotate_files
-from .atomic import check_writable, display_path, neutralise_cell, remove_stale_temp_files
+from .atomic import check_writable, display_path, remove_stale_temp_files
 from .classify import Classifier, load_classifier, predict_scores, top_two
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
-from .export import CUT_SHORT_AT, empty_tables, read_tables, to_frame, write_tables
+from .export import CUT_SHORT_AT, empty_tables, neutralise_cell, read_tables, to_frame, write_tables
 from .layout import analyse_page, choose_dpi
 from .load import find_inputs, iter_pages
 from .normalise import IMAGE_SIZE, to_mnist

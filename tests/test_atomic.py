@@ -20,10 +20,10 @@ from hwr_batch.atomic import (
     atomic_path,
     atomic_write,
     is_temp_file,
-    neutralise_formulas,
     remove_stale_temp_files,
     temp_path_for,
 )
+from hwr_batch.export import neutralise_formulas
 
 # Writes half of a large file through atomic_output, says so, then sleeps until killed.
 WRITE_HALF_THEN_SLEEP = textwrap.dedent(
