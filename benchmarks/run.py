@@ -534,7 +534,7 @@ def bench_segment(args: argparse.Namespace) -> dict[str, Any]:
 
     from hwr_batch.pipeline import ReadSettings, read_file
 
-    cv2.setNumThreads(args.cv_threads)  # workers run OpenCV single-threaded (pipeline._init_worker)
+    cv2.setNumThreads(args.cv_threads)  # workers run OpenCV single-threaded (hwr_batch.read._init_worker)
     n = min(args.segment_pages, args.pages)
     folder = ensure_pages(args.cache, n, args.seed, mnist_dir(args.data_dir), args.gen_jobs)
     files = page_files(folder)[:n]

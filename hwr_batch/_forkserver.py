@@ -4,7 +4,7 @@
   process then finishes the files in hand and shuts the pool down itself. Killed by it, the forkserver
   could not start the retry process, and the main process saw the pool break and logged a worker death.
 * ``PR_SET_PDEATHSIG``: the kernel kills the forkserver when the process that started it (the main
-  process) dies, even by ``SIGKILL``. Workers watch the main process themselves (``pipeline._init_worker``).
+  process) dies, even by ``SIGKILL``. Workers watch the main process themselves (``read._init_worker``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .load import iter_pages
 
 if TYPE_CHECKING:
     from .config import Options
-    from .pipeline import FileReading
+    from .read import FileReading
 
 log = logging.getLogger(__name__)
 

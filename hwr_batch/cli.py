@@ -550,7 +550,7 @@ def learn(
     require_training_extra("learn")
     from .learn import LearnConfig
     from .learn import learn as run_learn
-    from .pipeline import ReadSettings
+    from .read import ReadSettings
 
     result = run_learn(
         corrections, out, base_model=model, mnist_dir=mnist_dir,

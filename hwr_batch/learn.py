@@ -122,7 +122,7 @@ def read_corrected_fields(corrections: list[Correction], settings=None) -> list[
 
     A file that cannot be read, or a field number the file does not have, is logged and left out.
     """
-    from .pipeline import ReadSettings, iter_field_images
+    from .read import ReadSettings, iter_field_images
 
     settings = settings or ReadSettings()
     by_file: dict[Path, list[Correction]] = {}

@@ -1,0 +1,311 @@
+"""Reading files in worker processes: decode, lay out, segment and normalise every page of a file.
+
+This is the CPU work on one file that the batch spreads over worker processes (:func:`iter_readings`);
+what comes back (a :class:`FileReading`) holds the candidate digits of every field, normalised and
+ready to be classified in large batches in the main process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import HwrError
+from .layout import analyse_page, choose_dpi
+from .load import iter_pages
+from .normalise import IMAGE_SIZE, to_mnist
+from .segment import FieldCandidates, field_image, segment_field_candidates, segmenting_scale
+
+log = logging.getLogger("hwr_batch.pipeline")  # the batch run's logger, as before reading had a module of its own
+
+STAGES = ("load", "layout", "segment", "normalise", "classify", "write")
+
+
+@dataclass(frozen=True)
+class FieldReading:
+    """One field of a page, segmented, waiting for classification.
+
+    Attributes:
+        bbox: (x, y, w, h) of the field in page pixels.
+        origin: page coordinates of the field image's (0, 0), to place digit boxes on the page.
+        kind: layout kind (``box``, ``line``, ``whole``).
+        candidates: candidate digits (ink dropped: only boxes and cut structure are kept).
+        first: index of this field's first candidate in the file's ``images`` stack.
+    """
+
+    bbox: tuple[int, int, int, int]
+    origin: tuple[int, int]
+    kind: str
+    candidates: FieldCandidates
+    first: int
+
+
+@dataclass(frozen=True)
+class PageReading:
+    """The fields of one page.
+
+    Attributes:
+        dpi: the resolution the page was read at (from the file, or guessed from its size).
+        blank: ``"blank"`` or ``"all black"`` for a page of one tone (a dead scan), else ``""``.
+    """
+
+    index: int
+    fields: tuple[FieldReading, ...]
+    shape: tuple[int, int]
+    skew_degrees: float
+    dpi: float = 0.0
+    blank: str = ""
+
+
+@dataclass
+class FileReading:
+    """Everything read from one file before classification.
+
+    Attributes:
+        path: the input file.
+        pages: its pages, in order (possibly fewer than the file has, if one failed).
+        images: (N, 28, 28) float32: every candidate digit of every field, normalised.
+        error: (stage, reason) if the file could not be read completely.
+        seconds: time spent per stage.
+        notes: things the main process should log (a resolution tag ignored, per page).
+        error_page: the 1-based page the error is on (None: the file as a whole).
+    """
+
+    path: Path
+    pages: list[PageReading] = field(default_factory=list)
+    images: np.ndarray = field(default_factory=lambda: np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    error: tuple[str, str] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error_page: int | None = None
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """The options a worker needs to read a file (small and picklable)."""
+
+    field_mode: str = "auto"
+    pdf_dpi: int = 300
+    max_megapixels: float = 200.0
+    dpi: float | None = None  # resolution of every scan (not PDF), whatever its tag says
+
+
+def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReading:
+    """Decode, lay out, segment and normalise every page of a file. Never raises for bad input.
+
+    A file that cannot be read comes back with ``error`` set to (stage, reason); pages read before
+    the failure are dropped too, so a file is either read whole or reported.
+    """
+    reading = FileReading(Path(path))
+    seconds = dict.fromkeys(STAGES[:4], 0.0)
+    images: list[np.ndarray] = []
+    stage = "load"
+    try:
+        pages = iter_pages(path, pdf_dpi=settings.pdf_dpi, max_megapixels=settings.max_megapixels)
+        while True:
+            stage, started = "load", time.perf_counter()
+            page = next(pages, None)
+            seconds["load"] += time.perf_counter() - started
+            if page is None:
+                break
+            stage = "layout"
+            dpi = page.dpi if page.rendered else settings.dpi
+            if dpi is None:
+                dpi, why = choose_dpi(page.dpi, page.gray.shape)
+                if why:
+                    reading.notes.append(f"page {page.index + 1}: {why} (--dpi sets it)")
+            reading.pages.append(_read_page(page.gray, page.index, dpi, settings, images, seconds))
+    except HwrError as e:
+        page_number = _failed_page(stage, str(e), len(reading.pages))
+        return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes, error_page=page_number)
+    except Exception as e:  # a bug or an image that breaks OpenCV: report the file, keep the run going
+        log.debug("%s: unexpected error in %s", path, stage, exc_info=True)
+        reason = f"{path}: {type(e).__name__}: {e}"
+        page_number = _failed_page(stage, reason, len(reading.pages))
+        return FileReading(Path(path), error=(stage, reason), seconds=seconds, error_page=page_number)
+    if images:
+        reading.images = np.stack(images)
+    reading.seconds = seconds
+    return reading
+
+
+def _failed_page(stage: str, reason: str, pages_read: int) -> int | None:
+    """The 1-based page a file failed on: the one being read after ``pages_read`` good ones, except for a
+    failure to open the file at all (in ``load``, before any page, with no page named in the reason)."""
+    if stage != "load" or pages_read:
+        return pages_read + 1
+    named = re.search(r"\bpage (\d+)\b", reason)
+    return int(named[1]) if named else None
+
+
+def _read_page(
+    gray: np.ndarray,
+    index: int,
+    dpi: float | None,
+    settings: ReadSettings,
+    images: list[np.ndarray],
+    seconds: dict[str, float],
+) -> PageReading:
+    """Lay out one page and segment its fields; appends normalised candidates to ``images``."""
+    started = time.perf_counter()
+    layout = analyse_page(gray, mode=settings.field_mode, dpi=dpi)
+    seconds["layout"] += time.perf_counter() - started
+    scale = segmenting_scale(layout)
+    fields = []
+    for found in layout.fields:
+        started = time.perf_counter()
+        candidates = segment_field_candidates(field_image(found, scale))
+        seconds["segment"] += time.perf_counter() - started
+        started = time.perf_counter()
+        first = len(images)
+        images.extend(to_mnist(piece.ink) for piece in candidates.pieces)
+        seconds["normalise"] += time.perf_counter() - started
+        x, y, _w, _h = found.bbox
+        inner_x, inner_y, _, _ = found.inner
+        # The field image is the box plus a margin; its interior starts at `inner` within it.
+        origin = (x - inner_x, y - inner_y)
+        fields.append(FieldReading(found.bbox, origin, found.kind, candidates.without_ink(scale), first))
+    return PageReading(index, tuple(fields), gray.shape[:2], layout.angle, layout.dpi, _one_tone(gray))
+
+
+def _one_tone(gray: np.ndarray) -> str:
+    """``"blank"`` or ``"all black"`` if the page holds no visible ink at all (a dead or empty scan), else ``""``."""
+    factor = max(gray.shape) / 600
+    small = cv2.resize(gray, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA) if factor > 1 else gray
+    paper = float(np.median(small))
+    marked = np.count_nonzero(np.abs(small.astype(np.int16) - paper) > ONE_TONE_CONTRAST)
+    if marked > ONE_TONE_MAX_MARKS * small.size:
+        return ""
+    return "all black" if paper < 128 else "blank"
+
+
+# A page is of one tone when fewer than this share of its pixels (at ~600 px) differ from its median
+# grey by more than ONE_TONE_CONTRAST levels: a single printed word on an A4 page is well above it.
+ONE_TONE_CONTRAST = 48
+ONE_TONE_MAX_MARKS = 1e-4
+
+
+def iter_field_images(path: Path, settings: ReadSettings = ReadSettings()) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(page, field, image) of every field of a file, numbered as in ``fields.csv`` (from 1), each image
+    as ``process`` segments it. Raises :class:`HwrError` for a file that cannot be read."""
+    for page in iter_pages(path, pdf_dpi=settings.pdf_dpi, max_megapixels=settings.max_megapixels):
+        layout = analyse_page(page.gray, mode=settings.field_mode, dpi=page.dpi)
+        scale = segmenting_scale(layout)
+        for number, found in enumerate(layout.fields, start=1):
+            yield page.index + 1, number, field_image(found, scale)
+
+
+def read_page(
+    gray: np.ndarray, *, index: int = 0, dpi: float | None = None, settings: ReadSettings = ReadSettings()
+) -> tuple[PageReading, np.ndarray]:
+    """Lay out and segment one page, as ``process`` does: the page's fields and its normalised candidates.
+
+    Returns:
+        (page reading, (N, 28, 28) float32 candidates): pass both, as a :class:`FileReading`,
+        to :func:`classify_readings`.
+    """
+    images: list[np.ndarray] = []
+    page = _read_page(gray, index, dpi, settings, images, dict.fromkeys(STAGES[:4], 0.0))
+    return page, (np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+
+
+def iter_readings(paths: Iterable[Path], settings: ReadSettings, *, jobs: int = 1) -> Iterator[FileReading]:
+    """Read files in order, in ``jobs`` worker processes (1 = in this process).
+
+    At most a few files per worker are in flight, so memory stays flat however many files there are.
+    """
+    queue = iter(paths)  # consumed lazily: a stop request between files takes effect at once
+    if jobs <= 1:
+        for path in queue:
+            yield read_file(path, settings)
+        return
+    in_flight: deque[tuple[Path, Future]] = deque()
+    pool = _worker_pool(jobs)
+    try:
+        for path in itertools.islice(queue, 2 * jobs):
+            in_flight.append((path, pool.submit(read_file, path, settings)))
+        while in_flight:
+            path, future = in_flight.popleft()
+            try:
+                reading = future.result()
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory, a crash in a decoder). Read the files that were
+                # in flight again one by one, each in a fresh process, to find the one that kills it.
+                log.warning(
+                    "a worker process died while reading %s or one of the %d other files in flight; "
+                    "reading them again one at a time", path, len(in_flight),
+                )
+                _kill_pool(pool)
+                for retry in [path, *(p for p, _ in in_flight)]:
+                    yield _read_in_own_process(retry, settings)
+                in_flight.clear()
+                pool = _worker_pool(jobs)
+                for next_path in itertools.islice(queue, 2 * jobs):
+                    in_flight.append((next_path, pool.submit(read_file, next_path, settings)))
+                continue
+            next_path = next(queue, None)
+            if next_path is not None:
+                in_flight.append((next_path, pool.submit(read_file, next_path, settings)))
+            yield reading
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut down a broken pool without waiting: Python 3.11 would wait forever for its idle workers."""
+    if hasattr(pool, "kill_workers"):  # Python 3.14+
+        pool.kill_workers()
+    else:  # before 3.14 there is no public way to reach the workers
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_pool(jobs: int) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("forkserver")
+    # Takes effect when the forkserver starts (the first pool): it ignores SIGTERM and dies with this process.
+    context.set_forkserver_preload(["__main__", "hwr_batch._forkserver"])
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
+
+
+def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
+    """Read one file in a process of its own; if that process dies, report the file instead of the run failing."""
+    pool = _worker_pool(1)
+    try:
+        return pool.submit(read_file, path, settings).result()
+    except BrokenProcessPool:
+        return FileReading(
+            Path(path), error=("read", f"{path}: the process reading it died (killed, out of memory, or a crash in a decoder)")
+        )
+    finally:
+        _kill_pool(pool)
+
+
+def _init_worker(main_pid: int) -> None:
+    """Each worker is single-threaded (the parallelism is across files), leaves signals to the main process,
+    and ends when the main process ends, however it ends (a SIGKILL too).
+
+    Ctrl-C and systemd's SIGTERM reach every process of the group; the main process decides to
+    stop after the files in hand, and shuts the pool down itself.
+    """
+    import signal
+
+    from ._lifeline import exit_when_gone
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_when_gone(main_pid)
+    cv2.setNumThreads(1)
