@@ -1,9 +1,10 @@
 """The batch recipe: find scans -> read pages (workers) -> classify in large batches -> write tables.
 
 Reading a file (decode, layout, segmentation, normalisation) is CPU work on one file and runs in
-worker processes; classification gathers the digits of many files into one ONNX Runtime call in
-the main process; results are written atomically as they come, so memory stays flat and a crash
-loses nothing that was already written.
+worker processes (:mod:`hwr_batch.read`); classification gathers the digits of many files into one
+ONNX Runtime call in the main process, and its results become table rows (:mod:`hwr_batch.rows`);
+results are written atomically as they come, so memory stays flat and a crash loses nothing that
+was already written.
 """
 
 from __future__ import annotations
@@ -18,21 +19,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import pandas as pd
 
 from .annotate import annotate_files
 from .atomic import check_writable, display_path, remove_stale_temp_files
-from .classify import Classifier, load_classifier, predict_scores, top_two
+from .classify import Classifier, load_classifier
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
 from .export import CUT_SHORT_AT, empty_tables, neutralise_cell, read_tables, to_frame, write_tables
 from .load import find_inputs
-from .normalise import IMAGE_SIZE
-
-# Reading files has a module of its own; some of its names are imported here only to stay importable
-# from hwr_batch.pipeline, the API the README, scripts/ and benchmarks/ use (hence the noqa).
-from .read import (  # noqa: F401
+from .read import (
     STAGES,
     FieldReading,
     FileReading,
@@ -45,8 +41,8 @@ from .read import (  # noqa: F401
     read_page,
     segmenting_scale,
 )
+from .rows import classify_readings, error_rows, page_rows
 from .runlock import acquire_lock
-from .segment import read_field
 from .state import (
     STATE_DB_NAME,
     Decision,
@@ -64,110 +60,16 @@ from .state import (
     with_sha256,
 )
 
+# The API (README, scripts/, benchmarks/): the run, and the reading and row building it is made of, whose
+# own modules are read.py and rows.py.
+__all__ = [
+    "BatchReport", "FieldReading", "FileReading", "PageReading", "Progress", "ReadSettings", "check_inputs_exist",
+    "check_outputs_writable", "classify_readings", "field_image", "iter_field_images", "read_file", "read_page",
+    "run_batch", "segmenting_scale",
+]
+
 log = logging.getLogger(__name__)
 file_log = logging.getLogger("hwr_batch.files")  # one line per file; shown with -v (see cli)
-
-
-def classify_readings(
-    readings: list[FileReading], classifier: Classifier, *, min_confidence: float
-) -> tuple[list[dict], list[dict], float]:
-    """Classify the candidates of many files in one call, pick each field's reading, build table rows.
-
-    Returns:
-        (digit rows, field rows, seconds spent in the model).
-    """
-    stacks = [r.images for r in readings if len(r.images)]
-    started = time.perf_counter()
-    images = np.concatenate(stacks) if stacks else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-    probabilities, reject_probabilities = predict_scores(classifier, images)
-    seconds = time.perf_counter() - started
-    labels = classifier.labels
-    digit_rows: list[dict] = []
-    field_rows: list[dict] = []
-    offset = 0
-    for reading in readings:
-        file = str(reading.path)  # the exact name; to_frame escapes it (see file_text)
-        for page in reading.pages:
-            for number, found in enumerate(page.fields, start=1):
-                pieces = found.candidates.pieces
-                span = slice(offset + found.first, offset + found.first + len(pieces))
-                field_probabilities = probabilities[span]
-                choice = read_field(
-                    found.candidates, field_probabilities, reject_probabilities[span] if classifier.rejects else None
-                )
-                chosen = choice.digits
-                top = top_two(field_probabilities[chosen]) if chosen else None
-                digits = []
-                for position, piece_index in enumerate(chosen):
-                    px, py, pw, ph = pieces[piece_index].bbox
-                    confidence = float(top.confidence[position])
-                    digits.append(labels[top.label[position]])
-                    digit_rows.append(
-                        {
-                            "file": file, "page": page.index + 1, "field": number, "position": position + 1,
-                            "x": found.origin[0] + px, "y": found.origin[1] + py, "width": pw, "height": ph,
-                            "digit": labels[top.label[position]], "confidence": round(confidence, 4),
-                            "second_choice": labels[top.second[position]],
-                            "second_confidence": round(float(top.second_confidence[position]), 4),
-                            "flagged": confidence < min_confidence,
-                        }
-                    )
-                reasons = field_flags(found, chosen, top, min_confidence=min_confidence)
-                x, y, w, h = found.bbox
-                field_rows.append(
-                    {
-                        "file": file, "page": page.index + 1, "field": number, "x": x, "y": y, "width": w, "height": h,
-                        "digits": "".join(digits), "digit_count": len(digits),
-                        "min_confidence": round(float(top.confidence.min()), 4) if top is not None else None,
-                        "flagged": bool(reasons), "flag_reason": "; ".join(reasons),
-                    }
-                )
-        offset += len(reading.images)
-    return digit_rows, field_rows, seconds
-
-
-def page_rows(readings: list[FileReading], field_rows: list[dict]) -> list[dict]:
-    """One row per page of ``readings``: fields, digits and flagged fields on it, its status and dpi.
-
-    Status: ``read``, ``no digits`` (fields, but nothing in them), ``no fields``, ``blank`` or ``all black``.
-    """
-    per_page: dict[tuple[str, int], list[dict]] = {}
-    for row in field_rows:
-        per_page.setdefault((row["file"], row["page"]), []).append(row)
-    rows = []
-    for reading in readings:
-        file = str(reading.path)  # the exact name, as the other tables' rows (to_frame escapes it)
-        for page in reading.pages:
-            fields = per_page.get((file, page.index + 1), [])
-            digits = sum(row["digit_count"] for row in fields)
-            if page.blank:
-                status = page.blank
-            elif not fields:
-                status = "no fields"
-            else:
-                status = "read" if digits else "no digits"
-            rows.append({
-                "file": file, "page": page.index + 1, "fields": len(fields), "digit_count": digits,
-                "flagged_fields": sum(bool(row["flagged"]) for row in fields), "status": status,
-                "dpi": round(page.dpi, 1),
-            })
-    return rows
-
-
-def field_flags(found: FieldReading, chosen: list[int], top, *, min_confidence: float) -> list[str]:
-    """Why a field needs a person's eye (empty list: it does not)."""
-    reasons = []
-    if not chosen:
-        reasons.append("no digits found")
-        return reasons
-    low = int((top.confidence < min_confidence).sum())
-    if low:
-        reasons.append(f"{low} digit(s) below confidence {min_confidence:g}")
-    height = found.candidates.digit_height
-    widths = [found.candidates.pieces[i].bbox[2] for i in chosen]
-    if height and max(widths) > 1.2 * height:
-        reasons.append("a digit is wider than it is tall (touching digits?)")
-    return reasons
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -554,17 +456,13 @@ def _classify_batch(
     good = [r for r in readings if r.error is None]
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
-    error_rows = [
-        {"file": str(r.path), "page": r.error_page, "stage": r.error[0], "reason": r.error[1]}
-        for r in readings if r.error
-    ]
     for r in readings:
         for note in r.notes:
             log.warning("%s: %s", r.path, note)
         if r.error:
             _log_file_error(r.path, r.error[1])
     tables = _replace_rows(
-        tables, [r.path for r in readings], digit_rows, field_rows, error_rows, page_rows(good, field_rows)
+        tables, [r.path for r in readings], digit_rows, field_rows, error_rows(readings), page_rows(good, field_rows)
     )
     if options.annotate_dir:
         started = time.perf_counter()
