@@ -3,8 +3,8 @@
 Reading a file (decode, layout, segmentation, normalisation) is CPU work on one file and runs in
 worker processes (:mod:`hwr_batch.read`); classification gathers the digits of many files into one
 ONNX Runtime call in the main process, and its results become table rows (:mod:`hwr_batch.rows`);
-results are written atomically as they come, so memory stays flat and a crash loses nothing that
-was already written.
+a result store (:mod:`hwr_batch.store`) holds the tables, writes them atomically when due and only
+then marks their files done, so memory stays flat and a crash loses nothing that was already written.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Protocol
 import pandas as pd
 
 from .annotate import annotate_files
-from .atomic import check_writable, display_path, remove_stale_temp_files
+from .atomic import check_writable, remove_stale_temp_files
 from .classify import Classifier, load_classifier
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
-from .export import CUT_SHORT_AT, empty_tables, neutralise_cell, read_tables, to_frame, write_tables
+from .export import empty_tables, read_tables
 from .load import find_inputs
 from .read import (
     STAGES,
@@ -47,21 +47,19 @@ from .state import (
     STATE_DB_NAME,
     Decision,
     StateDB,
-    UnstableFileError,
     begin_run,
     finish_run,
     forget,
-    mark_done,
     mark_failed,
     open_state,
     plan,
     recorded_files,
     stale_files,
-    with_sha256,
 )
+from .store import ResultStore, redo_files_whose_rows_do_not_match
 
-# The API (README, scripts/, benchmarks/): the run, and the reading and row building it is made of, whose
-# own modules are read.py and rows.py.
+# The API (README, scripts/, benchmarks/): the run, and the reading and row building it is made of
+# (whose own modules are read.py and rows.py).
 __all__ = [
     "BatchReport", "FieldReading", "FileReading", "PageReading", "Progress", "ReadSettings", "check_inputs_exist",
     "check_outputs_writable", "classify_readings", "field_image", "iter_field_images", "read_file", "read_page",
@@ -69,7 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-file_log = logging.getLogger("hwr_batch.files")  # one line per file; shown with -v (see cli)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -223,7 +220,6 @@ def _run(
     progress: Progress | None,
 ) -> None:
     """The body of :func:`run_batch`, under its locks and run record."""
-    run_id = report.run_id
     if options.out_dir.is_dir():
         remove_stale_temp_files(options.out_dir)
     decisions = plan(
@@ -231,76 +227,114 @@ def _run(
         reprocess_stale=options.reprocess_stale, settings_sha=options.settings_sha(),
     )
     _log_stale(decisions, options)
+    options, tables, decisions = _tables_to_update(options, decisions, report.run_id)
+    store = ResultStore(tables, options=options, db=db, model_sha=classifier.sha256, report=report)
+    pruned = _drop_deleted_files(store, db, options)
+    todo = {d.path: d for d in decisions if d.process}
+    report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
+    unreadable = _record_unreadable(store, db, decisions, problems, report)
+    log.info(
+        "%d files found: %d to process, %d already done or skipped, %d unreadable",
+        len(files), len(todo), report.skipped, unreadable,
+    )
+    if progress:
+        progress.start(len(todo))
+    _read_classify_and_store(todo, store, classifier, options, report, should_stop, progress)
+    if not report.outputs or pruned:  # nothing to process: still leave valid (possibly empty) tables
+        report.outputs = store.write()
+    if pruned:  # only now that the tables no longer hold them: a crash before this line prunes them next time
+        forget(db, pruned)
+    report.stale = len(stale_files(db, classifier.sha256, options.settings_sha()))
+
+
+def _tables_to_update(
+    options: Options, decisions: list[Decision], run_id: int
+) -> tuple[Options, dict[str, pd.DataFrame], list[Decision]]:
+    """The tables this run adds its rows to, the options with their folder, and the decisions with the files
+    whose rows in the tables are not what the state records turned into "process it"."""
     if options.per_run:  # this run's rows only, in a folder of their own (never an earlier run's)
         out_dir = options.out_dir / f"run-{run_id:05d}"
         suffix = 1
         while out_dir.exists():
             suffix += 1
             out_dir = options.out_dir / f"run-{run_id:05d}-{suffix}"
-        options = replace(options, out_dir=out_dir)
-        tables = empty_tables()
-    else:  # cumulative: every file's latest rows, carried over from earlier runs
-        tables = read_tables(options.out_dir, options.fmt)
-        decisions = _redo_files_whose_rows_do_not_match(tables, decisions)
+        return replace(options, out_dir=out_dir), empty_tables(), decisions
+    # cumulative: every file's latest rows, carried over from earlier runs
+    tables = read_tables(options.out_dir, options.fmt)
+    return options, tables, redo_files_whose_rows_do_not_match(tables, decisions)
+
+
+def _drop_deleted_files(store: ResultStore, db: StateDB, options: Options) -> list[Path]:
+    """With ``--prune``: drop the rows of recorded files deleted from an input folder; those files."""
     pruned = _deleted_files(db, options.inputs) if options.prune else []
     if pruned:
-        tables = _replace_rows(tables, pruned)
+        store.replace_rows(pruned)
         log.info("pruning %d files deleted from the input folders (their rows and records)", len(pruned))
-    todo = {d.path: d for d in decisions if d.process}
-    report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
-    # Folders that cannot be listed, and files that cannot even be stat-ed, are errors of this run.
+    return pruned
+
+
+def _record_unreadable(
+    store: ResultStore,
+    db: StateDB,
+    decisions: list[Decision],
+    problems: list[tuple[Path, str]],
+    report: BatchReport,
+) -> int:
+    """Folders that cannot be listed, and files that cannot even be stat-ed, are errors of this run:
+    logged, given error rows, counted as failed (the files marked failed at once). Returns their number."""
     unreadable = [(Path(os.path.abspath(path)), "find", reason) for path, reason in problems]
     for d in decisions:
         if d.kind == "unreadable":
             unreadable.append((d.path, "read", d.error or "unreadable"))
-            mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=run_id)
+            mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=report.run_id)
     for path, _stage, reason in unreadable:
         _log_file_error(path, reason)
-    tables = _replace_rows(tables, [p for p, _, _ in unreadable], errors=[
+    store.replace_rows([p for p, _, _ in unreadable], errors=[
         {"file": str(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
     ])
     report.failed += len(unreadable)
-    log.info(
-        "%d files found: %d to process, %d already done or skipped, %d unreadable",
-        len(files), len(todo), report.skipped, len(unreadable),
-    )
-    if progress:
-        progress.start(len(todo))
+    return len(unreadable)
+
+
+def _read_classify_and_store(
+    todo: dict[Path, Decision],
+    store: ResultStore,
+    classifier: Classifier,
+    options: Options,
+    report: BatchReport,
+    should_stop: Callable[[], bool],
+    progress: Progress | None,
+) -> None:
+    """Read the files to do in workers, classify them in batches, write the tables when due and mark the files."""
     settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels, options.dpi)
     pending: list[FileReading] = []
     pending_digits = 0
-    unwritten = _Unwritten()
     paths = _until(list(todo), should_stop, report)
     try:
         for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
             for stage, seconds in reading.seconds.items():
                 report.stage_seconds[stage] += seconds
-            if progress:  # as each file is read: writing waits for a batch, or longer (see _Unwritten)
+            if progress:  # as each file is read: writing waits for a batch, or longer (see store._Unwritten)
                 progress.advance(reading.path, "failed" if reading.error else "read")
             pending.append(reading)
             pending_digits += len(reading.images)
             if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
-                tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
+                _classify_batch(pending, store, classifier, options, report)
                 pending, pending_digits = [], 0
-                if unwritten.write_due():
-                    _flush(tables, unwritten, todo, db, classifier, options, report)
-        tables = _classify_batch(pending, tables, unwritten, classifier, options, report)
+                if store.write_due():
+                    store.flush(todo)
+        _classify_batch(pending, store, classifier, options, report)
     except Exception:
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
-        # the next run need not redo it. (A failed write is not tried again: _flush takes the files first.)
-        if unwritten.files:
+        # the next run need not redo it. (A failed write is not tried again: flush takes the files first.)
+        if store.has_unwritten():
             try:
-                _flush(tables, unwritten, todo, db, classifier, options, report)
+                store.flush(todo)
             except HwrError as also:  # the first failure is the one to report
                 log.error("%s", also)
         raise
-    if unwritten.files:
-        _flush(tables, unwritten, todo, db, classifier, options, report)
-    if not report.outputs or pruned:  # nothing to process: still leave valid (possibly empty) tables
-        report.outputs = _write(tables, options)
-    if pruned:  # only now that the tables no longer hold them: a crash before this line prunes them next time
-        forget(db, pruned)
-    report.stale = len(stale_files(db, classifier.sha256, options.settings_sha()))
+    if store.has_unwritten():
+        store.flush(todo)
 
 
 def _deleted_files(db: StateDB, inputs: Iterable[Path]) -> list[Path]:
@@ -337,73 +371,11 @@ def _log_stale(decisions: list[Decision], options: Options) -> None:
         log.warning("%d files were read with %s%s: stale, %s", count, what[kind], now, action)
 
 
-def _redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
-    """Files the state records as read whose rows in the tables read back are not what it recorded
-    (the tables were deleted, written in the other format, cut short by a partial restore, or
-    edited): process them again, so the cumulative tables never silently lose or keep wrong rows.
-
-    A done file must have as many digit rows as the digits recorded, and field rows whose digit
-    counts add up to as many; a failed file (not retried) must have its row in the errors table.
-    """
-    digit_rows = tables["digits"]["file"].value_counts().to_dict()
-    field_digits = tables["fields"].groupby("file")["digit_count"].sum().to_dict()
-    error_files = set(tables["errors"]["file"])
-    # A table cut inside a row lost every row from that row's file on (tables are sorted by file),
-    # even rows the counts cannot miss, such as the fields of a file that had no digits.
-    def cut(*names: str) -> str | None:
-        return min((c for n in names if (c := tables[n].attrs.get(CUT_SHORT_AT)) is not None), default=None)
-
-    cut_done, cut_failed = cut("digits", "fields"), cut("errors")  # done files have rows in those, failed ones here
-    redone = []
-    for d in decisions:
-        previous = d.previous
-        if not d.process and previous is not None and d.kind in ("done", "stale-model", "stale-settings", "failed"):
-            keys = {file_text(d.path), neutralise_cell(file_text(d.path))}
-            if previous.status == "done":
-                recorded = previous.digits or 0
-                matches = recorded == sum(digit_rows.get(k, 0) for k in keys) == sum(field_digits.get(k, 0) for k in keys)
-                cut_at = cut_done
-            else:
-                matches = bool(keys & error_files)
-                cut_at = cut_failed
-            if not matches or (cut_at is not None and max(keys) >= cut_at):
-                d = _redo(d)
-        redone.append(d)
-    count = sum(1 for old, new in zip(decisions, redone) if new.process and not old.process)
-    if count:
-        log.warning(
-            "%d file(s) read again: their rows in the output tables are not what the state database records "
-            "(tables deleted, cut short, or edited)", count,
-        )
-    return redone
-
-
-def _redo(decision: Decision) -> Decision:
-    """``decision`` turned into "process it", with the content hash marking the file needs."""
-    fingerprint, previous = decision.fingerprint, decision.previous
-    if fingerprint is not None and fingerprint.sha256 is None:
-        if previous is not None and previous.sha256 is not None:  # unchanged since it was hashed
-            fingerprint = replace(fingerprint, sha256=previous.sha256)
-        else:  # it could not be read last time: hash it now
-            try:
-                fingerprint = with_sha256(decision.path, fingerprint)
-            except (OSError, UnstableFileError):
-                return decision
-    return replace(decision, process=True, fingerprint=fingerprint)
-
-
-def file_text(path: Path) -> str:
-    """A file name as the tables hold it (:func:`~hwr_batch.atomic.display_path`): bytes that are
-    not UTF-8 and control characters escaped, in a form that never shows two names alike, so the
-    tables key each file's rows on it."""
-    return display_path(path)
-
-
 def _log_file_error(path: Path, reason: str) -> None:
     log.error("%s", reason if reason.startswith(f"{path}:") else f"{path}: {reason}")
 
 
-FILES_PER_BATCH = 64  # classify at least this often (then write the outputs if due, see _Unwritten)
+FILES_PER_BATCH = 64  # classify at least this often (then write the outputs if due, see store._Unwritten)
 
 
 def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchReport) -> Iterator[Path]:
@@ -416,43 +388,12 @@ def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchRepo
         yield path
 
 
-@dataclass
-class _Unwritten:
-    """Files classified, with their rows in the tables, but not yet written out nor marked done.
-
-    The tables are rewritten whole, so writing them after every batch costs O(N^2) over a long run
-    (an xlsx workbook of 100,000 digits takes 13 s to write). They are written once the time since
-    the last write is WRITE_INTERVAL_FACTOR times what that write took, and at most
-    MAX_SECONDS_UNWRITTEN: small CSV tables after every batch, as before; a large workbook every
-    minute or so. (1,000 pages to xlsx: 257 s -> 106 s.)
-    """
-
-    # path, error, pages, digits, fields, flagged fields
-    files: list[tuple[Path, tuple[str, str] | None, int, int, int, int]] = field(default_factory=list)
-    last_write_ended: float = field(default_factory=time.perf_counter)
-    last_write_seconds: float = 0.0
-
-    def write_due(self) -> bool:
-        elapsed = time.perf_counter() - self.last_write_ended
-        wait = min(WRITE_INTERVAL_FACTOR * self.last_write_seconds, MAX_SECONDS_UNWRITTEN)
-        return bool(self.files) and elapsed >= wait
-
-
-WRITE_INTERVAL_FACTOR = 4.0
-MAX_SECONDS_UNWRITTEN = 300.0  # however slow the write, at most this much work waits to be written
-
-
 def _classify_batch(
-    readings: list[FileReading],
-    tables: dict[str, pd.DataFrame],
-    unwritten: _Unwritten,
-    classifier: Classifier,
-    options: Options,
-    report: BatchReport,
-) -> dict[str, pd.DataFrame]:
-    """Classify a batch of files and put their rows in the tables (in memory); annotate their pages."""
+    readings: list[FileReading], store: ResultStore, classifier: Classifier, options: Options, report: BatchReport
+) -> None:
+    """Classify a batch of files and put their rows in the store's tables (in memory); annotate their pages."""
     if not readings:
-        return tables
+        return
     good = [r for r in readings if r.error is None]
     digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
     report.stage_seconds["classify"] += seconds
@@ -461,91 +402,13 @@ def _classify_batch(
             log.warning("%s: %s", r.path, note)
         if r.error:
             _log_file_error(r.path, r.error[1])
-    tables = _replace_rows(
-        tables, [r.path for r in readings], digit_rows, field_rows, error_rows(readings), page_rows(good, field_rows)
+    store.replace_rows(
+        [r.path for r in readings], digit_rows, field_rows, error_rows(readings), page_rows(good, field_rows)
     )
     if options.annotate_dir:
         started = time.perf_counter()
         annotate_files(good, digit_rows, field_rows, options)
         report.stage_seconds["write"] += time.perf_counter() - started
-    # Keep only what marking the files needs: their normalised images can be freed now.
-    digits_per_file = Counter(row["file"] for row in digit_rows)
-    fields_per_file = Counter(row["file"] for row in field_rows)
-    flagged_per_file = Counter(row["file"] for row in field_rows if row["flagged"])
-    unwritten.files.extend(
-        (r.path, r.error, len(r.pages), digits_per_file[key], fields_per_file[key], flagged_per_file[key])
-        for r in readings
-        for key in [str(r.path)]
-    )
+    store.hold(readings, digit_rows, field_rows)
     report.fields += len(field_rows)
     report.flagged_fields += sum(row["flagged"] for row in field_rows)
-    return tables
-
-
-def _flush(
-    tables: dict[str, pd.DataFrame],
-    unwritten: _Unwritten,
-    todo: dict[Path, Decision],
-    db: StateDB,
-    classifier: Classifier,
-    options: Options,
-    report: BatchReport,
-) -> None:
-    """Write the tables, then mark the files classified since the last write as done (or failed)."""
-    files, unwritten.files = unwritten.files, []
-    started = time.perf_counter()
-    report.outputs = _write(tables, options)
-    unwritten.last_write_ended = time.perf_counter()
-    unwritten.last_write_seconds = unwritten.last_write_ended - started
-    report.stage_seconds["write"] += unwritten.last_write_seconds
-    # Only now, with the outputs on disk, are the files marked: a crash before this line means
-    # the next run processes them again and replaces (never duplicates) their rows.
-    for path, error, pages, digits, fields, flagged in files:
-        decision = todo[path]
-        if error:
-            mark_failed(db, path, decision.fingerprint, stage=error[0], reason=error[1], run_id=report.run_id)
-            report.failed += 1
-            file_log.info("%s: failed in %s", path, error[0])
-        else:
-            file_log.info(
-                "%s: done (%s): %d pages, %d fields, %d digits, %d fields flagged",
-                path, decision.kind, pages, fields, digits, flagged,
-            )
-            mark_done(
-                db, path, decision.fingerprint, model_sha=classifier.sha256, pages=pages, digits=digits,
-                run_id=report.run_id, settings_sha=options.settings_sha(),
-            )
-            report.processed += 1
-            report.pages += pages
-            report.digits += digits
-
-
-def _replace_rows(
-    tables: dict[str, pd.DataFrame],
-    files: list[Path],
-    digits: list[dict] = (),
-    fields: list[dict] = (),
-    errors: list[dict] = (),
-    pages: list[dict] = (),
-) -> dict[str, pd.DataFrame]:
-    """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
-    keys = {file_text(f) for f in files}
-    keys |= {neutralise_cell(k) for k in keys}  # tables read back hold neutralised names
-    new = {"digits": digits, "fields": fields, "errors": errors, "pages": pages}
-    out = {}
-    for name, frame in tables.items():
-        kept = frame[~frame["file"].isin(keys)] if len(frame) else frame
-        added = to_frame(name, list(new[name]))
-        out[name] = pd.concat([kept, added], ignore_index=True) if len(added) and len(kept) else (added if len(added) else kept)
-    return out
-
-
-def _write(tables: dict[str, pd.DataFrame], options: Options) -> list[Path]:
-    ordered = {name: frame.sort_values(SORT_KEYS[name], kind="stable") for name, frame in tables.items()}
-    return write_tables(ordered, options.out_dir, options.fmt)
-
-
-SORT_KEYS = {
-    "digits": ["file", "page", "field", "position"], "fields": ["file", "page", "field"], "errors": ["file"],
-    "pages": ["file", "page"],
-}

@@ -31,7 +31,7 @@ def classify_readings(
     field_rows: list[dict] = []
     offset = 0
     for reading in readings:
-        file = str(reading.path)  # the exact name; to_frame escapes it (see file_text)
+        file = str(reading.path)  # the exact name; to_frame escapes it (see store.file_text)
         for page in reading.pages:
             for number, found in enumerate(page.fields, start=1):
                 pieces = found.candidates.pieces

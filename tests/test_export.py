@@ -9,7 +9,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from hwr_batch import export, pipeline
+from hwr_batch import export, pipeline, store
 from hwr_batch.config import Options
 from hwr_batch.export import read_tables, to_frame, write_tables
 
@@ -46,7 +46,7 @@ def test_a_table_of_exactly_a_sheet_stays_on_one(tmp_path, monkeypatch):
 
 
 def test_write_is_due_once_the_last_write_has_been_paid_for(monkeypatch):
-    unwritten = pipeline._Unwritten()
+    unwritten = store._Unwritten()
     assert not unwritten.write_due()  # nothing classified since the last write
     unwritten.files.append((Path("a.png"), None, 1, 3))
     assert unwritten.write_due()  # the first write (cost unknown) is due at once
@@ -63,10 +63,10 @@ def test_files_classified_after_the_last_due_write_are_written_and_marked_at_the
 
     truth = write_scans(tmp_path / "scans", mnist_test_small, confident_digits, 5, seed=3)
     monkeypatch.setattr(pipeline, "FILES_PER_BATCH", 1)  # one classification per file ...
-    monkeypatch.setattr(pipeline, "WRITE_INTERVAL_FACTOR", 1e9)  # ... but no write due after the first
+    monkeypatch.setattr(store, "WRITE_INTERVAL_FACTOR", 1e9)  # ... but no write due after the first
     writes = []
-    real_write = pipeline._write
-    monkeypatch.setattr(pipeline, "_write", lambda tables, options: writes.append(len(tables["fields"])) or real_write(tables, options))
+    real_write = store._write
+    monkeypatch.setattr(store, "_write", lambda tables, options: writes.append(len(tables["fields"])) or real_write(tables, options))
     out = tmp_path / "out"
     report = pipeline.run_batch(Options(inputs=(tmp_path / "scans",), out_dir=out, jobs=1))
     assert writes == [1, 5]  # the first batch, then the other four together at the end
@@ -87,7 +87,7 @@ def test_a_failure_while_writes_are_held_back_keeps_what_was_read(
 
     truth = write_scans(tmp_path / "scans", mnist_test_small, confident_digits, 6, seed=4)
     monkeypatch.setattr(pipeline, "FILES_PER_BATCH", 1)
-    monkeypatch.setattr(pipeline, "WRITE_INTERVAL_FACTOR", 1e9)  # only the first batch is written when due
+    monkeypatch.setattr(store, "WRITE_INTERVAL_FACTOR", 1e9)  # only the first batch is written when due
     real_classify, calls = pipeline.classify_readings, []
 
     def classify_failing_on_the_fourth(*args, **kwargs):
