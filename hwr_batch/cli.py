@@ -14,19 +14,21 @@ from collections import Counter
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
 from . import __version__
+from .config import FieldMode, Format, Options
 from .errors import ExitCode, HwrError, require_training_extra
 
 log = logging.getLogger("hwr_batch")
 
-# Allowed values, restated here (config imports OpenCV and pandas); a test keeps them equal to export.FORMATS
-# and layout.MODES. As Literal types, --help lists them and a wrong one is a usage error.
-FormatChoice = Literal["csv", "xlsx"]
-FieldChoice = Literal["auto", "boxes", "whole", "lines"]
+# The options' allowed values (Literal types: --help lists them, a wrong one is a usage error) and defaults,
+# from config (a leaf module, quick to import), so that each is written once.
+FormatChoice = Format
+FieldChoice = FieldMode
+DEFAULTS = Options(inputs=())
 
 app = typer.Typer(
     name="hwr-batch",
@@ -156,14 +158,14 @@ def process(
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", envvar="HWR_BATCH_OUT", help="Folder for digits.csv, fields.csv, errors.csv (or results.xlsx).")
-    ] = Path("hwr-results"),
+    ] = DEFAULTS.out_dir,
     fmt: Annotated[
         FormatChoice,
         typer.Option(
             "--format", "-f", envvar="HWR_BATCH_FORMAT",
             help="csv: a CSV file per table; xlsx: one workbook, a sheet per table.",
         ),
-    ] = "csv",
+    ] = DEFAULTS.fmt,
     per_run: Annotated[
         bool,
         typer.Option(
@@ -171,8 +173,8 @@ def process(
             help="Write each run's rows to a new folder OUT/run-NNNNN. Default: cumulative tables in OUT holding "
             "every file's latest rows.",
         ),
-    ] = False,
-    model: ModelOption = None,
+    ] = DEFAULTS.per_run,
+    model: ModelOption = DEFAULTS.model,
     fields: Annotated[
         FieldChoice,
         typer.Option(
@@ -180,14 +182,14 @@ def process(
             help="Where digits are read. auto: inside printed boxes if the page has any, else the whole image if it is "
             "a small crop, else runs of handwriting on lines; boxes: only inside boxes; lines; whole: each image is one field.",
         ),
-    ] = "auto",
+    ] = DEFAULTS.field_mode,
     min_confidence: Annotated[
         float,
         typer.Option(
             min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", metavar="0..1",
             help="Digits the model is less sure of are flagged for review.",
         ),
-    ] = 0.8,
+    ] = DEFAULTS.min_confidence,
     include: Annotated[
         list[str] | None,
         typer.Option(metavar="GLOB", help="Only files matching this glob (repeatable; case-insensitive), e.g. '*.tif'."),
@@ -201,34 +203,34 @@ def process(
         typer.Option(
             "--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", metavar="N", help="Worker processes for reading pages; 0 = one per core."
         ),
-    ] = 0,
+    ] = DEFAULTS.jobs,
     annotate: Annotated[
         Path | None, typer.Option(help="Also write a JPEG of each page with the fields, their numbers and the digits read drawn on it.", file_okay=False)
-    ] = None,
-    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, metavar="50..1200", help="Resolution at which PDF pages are rendered.")] = 300,
+    ] = DEFAULTS.annotate_dir,
+    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, metavar="50..1200", help="Resolution at which PDF pages are rendered.")] = DEFAULTS.pdf_dpi,
     dpi: Annotated[
         float | None,
         typer.Option(min=50, max=2400, metavar="50..2400", help="Resolution of every scan (not PDFs), whatever its file says. Default: the "
                      "file's tag, unless it is missing or implausible for the page's size; then estimated from the size."),
-    ] = None,
-    max_megapixels: Annotated[float, typer.Option(min=1.0, metavar="MP", help="Refuse larger pages (decompression-bomb guard).")] = 200.0,
+    ] = DEFAULTS.dpi,
+    max_megapixels: Annotated[float, typer.Option(min=1.0, metavar="MP", help="Refuse larger pages (decompression-bomb guard).")] = DEFAULTS.max_megapixels,
     state_dir: Annotated[
         Path | None,
         typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database and run lock. Default: OUT/.hwr-batch.", file_okay=False),
-    ] = None,
+    ] = DEFAULTS.state_dir,
     force: Annotated[
         bool, typer.Option("--force/--no-force", help="Reprocess every file, even those already done with this model.")
-    ] = False,
+    ] = DEFAULTS.force,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed/--no-retry-failed", help="Retry files that failed in earlier runs.")
-    ] = False,
+    ] = DEFAULTS.retry_failed,
     reprocess_stale: Annotated[
         bool,
         typer.Option(
             "--reprocess-stale/--no-reprocess-stale",
             help="Redo files read with a different model (otherwise only counted as stale).",
         ),
-    ] = False,
+    ] = DEFAULTS.reprocess_stale,
     prune: Annotated[
         bool,
         typer.Option(
@@ -236,7 +238,7 @@ def process(
             help="Drop the rows and state records of files deleted from an input folder. A folder none of whose "
             "recorded files is left (an unmounted share) prunes nothing.",
         ),
-    ] = False,
+    ] = DEFAULTS.prune,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -246,7 +248,7 @@ def process(
     ] = False,
     batch_digits: Annotated[
         int, typer.Option(min=1, metavar="N", help="Digits gathered per model call; outputs are also rewritten after each such batch.")
-    ] = 4096,
+    ] = DEFAULTS.batch_digits,
 ) -> int:
     """Read the handwritten digits in scanned forms and write them as tables.
 
@@ -254,7 +256,7 @@ def process(
     are redone and their rows replaced. Exit code 0 if every file was read, 1 if some failed
     (see errors.csv), 130 if interrupted (re-run to finish).
     """
-    from .config import Options, read_config_file
+    from .config import options_from, read_config_file
     from .errors import BadArgsError
     from .pipeline import run_batch
 
@@ -266,28 +268,7 @@ def process(
                 params[name] = value
     if not params["inputs"]:
         raise BadArgsError("no scans given: name files or folders, or set `inputs` in the --config file")
-    options = Options(
-        inputs=tuple(Path(p) for p in params["inputs"]),
-        out_dir=Path(params["out"]),
-        fmt=params["fmt"],
-        per_run=bool(params["per_run"]),
-        model=Path(params["model"]) if params["model"] else None,
-        include=tuple(params["include"] or ()),
-        exclude=tuple(params["exclude"] or ()),
-        field_mode=params["fields"],
-        min_confidence=float(params["min_confidence"]),
-        pdf_dpi=int(params["pdf_dpi"]),
-        dpi=float(params["dpi"]) if params["dpi"] is not None else None,
-        max_megapixels=float(params["max_megapixels"]),
-        jobs=int(params["jobs"]),
-        annotate_dir=Path(params["annotate"]) if params["annotate"] else None,
-        state_dir=Path(params["state_dir"]) if params["state_dir"] else None,
-        force=bool(params["force"]),
-        retry_failed=bool(params["retry_failed"]),
-        reprocess_stale=bool(params["reprocess_stale"]),
-        prune=bool(params["prune"]),
-        batch_digits=int(params["batch_digits"]),
-    )
+    options = options_from(params)
     if dry_run:
         return _dry_run(options)
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
@@ -537,8 +518,8 @@ def learn(
     epochs: Annotated[int, typer.Option(min=1, help="Most fine-tuning epochs (early stopping may end sooner).")] = 10,
     fields: Annotated[
         str, typer.Option(help="How the scans were read by `process` (auto, boxes, lines, whole): field numbers follow it.")
-    ] = "auto",
-    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="As given to `process`.")] = 300,
+    ] = DEFAULTS.field_mode,
+    pdf_dpi: Annotated[int, typer.Option(min=50, max=1200, help="As given to `process`.")] = DEFAULTS.pdf_dpi,
 ) -> None:
     """Adapt the model to your own forms: fine-tune it on corrected fields, measure before and after.
 

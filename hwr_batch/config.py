@@ -1,15 +1,28 @@
-"""Options of a batch run: one frozen dataclass, validated before any work starts."""
+"""Options of a batch run: one frozen dataclass, validated before any work starts.
+
+A leaf module (the standard library only, no OpenCV, pandas or ONNX Runtime), so that the command
+line imports it at once: ``hwr-batch process`` takes each option's default and type from
+:class:`Options`, and the config file reader each setting's name and type (:data:`CONFIG_TYPES`).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 from .errors import BadArgsError
-from .export import FORMATS
-from .layout import MODES as FIELD_MODES
+
+# The allowed values of --format and --fields, as Literal types: --help lists them and a wrong one is a
+# usage error. export.py and layout.py (which import pandas and OpenCV) implement them; a test keeps
+# them equal to export.FORMATS and layout.MODES.
+Format = Literal["csv", "xlsx"]
+FieldMode = Literal["auto", "boxes", "whole", "lines"]
+FORMATS: tuple[str, ...] = get_args(Format)
+FIELD_MODES: tuple[str, ...] = get_args(FieldMode)
 
 DEFAULT_OUT_DIR = Path("hwr-results")
 DEFAULT_MIN_CONFIDENCE = 0.8
@@ -47,12 +60,12 @@ class Options:
 
     inputs: tuple[Path, ...]
     out_dir: Path = DEFAULT_OUT_DIR
-    fmt: str = "csv"
+    fmt: Format = "csv"
     per_run: bool = False
     model: Path | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    field_mode: str = "auto"
+    field_mode: FieldMode = "auto"
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     pdf_dpi: int = 300
     dpi: float | None = None
@@ -125,6 +138,36 @@ def option_names() -> list[str]:
     return [f.name for f in fields(Options)]
 
 
+# Options whose name on the command line (and in a config file) is not their name in Options.
+CLI_NAMES = {"out_dir": "out", "field_mode": "fields", "annotate_dir": "annotate"}
+
+
+def cli_name(name: str) -> str:
+    """The name of option ``name`` (a field of :class:`Options`) as a ``process`` parameter and a config key."""
+    return CLI_NAMES.get(name, name)
+
+
+def options_from(settings: Mapping[str, object]) -> Options:
+    """Options from settings keyed by their command-line names (:func:`cli_name`), one for each option,
+    with values as the command line or a config file gives them (lists, text, None for unset)."""
+    return Options(**{f.name: _OPTION_TYPES[f.type][1](settings[cli_name(f.name)]) for f in fields(Options)})
+
+
+# By the type of an Options field: its type in a config file, and how a command-line or config value becomes it.
+_OPTION_TYPES = {
+    "tuple[Path, ...]": ("paths", lambda v: tuple(Path(p) for p in v)),
+    "Path": ("path", Path),
+    "Path | None": ("path", lambda v: Path(v) if v else None),
+    "Format": ("text", lambda v: v),
+    "FieldMode": ("text", lambda v: v),
+    "tuple[str, ...]": ("texts", lambda v: tuple(v or ())),
+    "bool": ("bool", bool),
+    "int": ("int", int),
+    "float": ("number", float),
+    "float | None": ("number", lambda v: float(v) if v is not None else None),
+}
+
+
 CONFIG_ENV = "HWR_BATCH_CONFIG"
 CONFIG_SECTION = "process"
 
@@ -174,12 +217,7 @@ def read_config_file(path: Path) -> dict[str, object]:
 
 
 # Settings a config file may hold (the `process` command's parameter names) and their TOML types.
-CONFIG_TYPES: dict[str, str] = {
-    "inputs": "paths", "out": "path", "fmt": "text", "per_run": "bool", "model": "path", "fields": "text",
-    "min_confidence": "number", "include": "texts", "exclude": "texts", "jobs": "int", "annotate": "path",
-    "pdf_dpi": "int", "dpi": "number", "max_megapixels": "number", "state_dir": "path", "force": "bool", "retry_failed": "bool",
-    "reprocess_stale": "bool", "prune": "bool", "batch_digits": "int",
-}
+CONFIG_TYPES: dict[str, str] = {cli_name(f.name): _OPTION_TYPES[f.type][0] for f in fields(Options)}
 CONFIG_ALIASES = {"format": "fmt", "output": "out", "out_dir": "out"}
 _TYPE_WORDS = {
     "paths": "a list of paths", "path": "a path (text)", "text": "text", "texts": "a list of texts",

@@ -306,7 +306,7 @@ def _read_classify_and_store(
     progress: Progress | None,
 ) -> None:
     """Read the files to do in workers, classify them in batches, write the tables when due and mark the files."""
-    settings = ReadSettings(options.field_mode, options.pdf_dpi, options.max_megapixels, options.dpi)
+    settings = ReadSettings.of(options)
     pending: list[FileReading] = []
     pending_digits = 0
     paths = _until(list(todo), should_stop, report)

@@ -18,18 +18,20 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .config import Options
 from .errors import HwrError
 from .layout import analyse_page, choose_dpi
 from .load import iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .segment import FieldCandidates, field_image, segment_field_candidates, segmenting_scale
 
-log = logging.getLogger("hwr_batch.pipeline")  # the batch run's logger, as before reading had a module of its own
+log = logging.getLogger("hwr_batch.pipeline")  # the run's logger, named as before this module split off
 
 STAGES = ("load", "layout", "segment", "normalise", "classify", "write")
 
@@ -93,14 +95,23 @@ class FileReading:
     error_page: int | None = None
 
 
+_DEFAULTS = Options(inputs=())
+
+
 @dataclass(frozen=True)
 class ReadSettings:
-    """The options a worker needs to read a file (small and picklable)."""
+    """The options a worker needs to read a file (small and picklable): those of :class:`~hwr_batch.config.Options`
+    of the same names, with the same defaults."""
 
-    field_mode: str = "auto"
-    pdf_dpi: int = 300
-    max_megapixels: float = 200.0
-    dpi: float | None = None  # resolution of every scan (not PDF), whatever its tag says
+    field_mode: str = _DEFAULTS.field_mode
+    pdf_dpi: int = _DEFAULTS.pdf_dpi
+    max_megapixels: float = _DEFAULTS.max_megapixels
+    dpi: float | None = _DEFAULTS.dpi  # resolution of every scan (not PDF), whatever its tag says
+
+    @classmethod
+    def of(cls, options: Options) -> ReadSettings:
+        """The settings of ``options``."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclass_fields(cls)})
 
 
 def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReading:

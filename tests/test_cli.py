@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import fixture_idx
@@ -92,7 +93,7 @@ def test_train_from_the_command_line(cli, tmp_path):
 
 
 def test_process_option_defaults_are_the_python_api_defaults():
-    """The CLI restates Options' defaults (importing config would pull OpenCV into --help): keep them equal."""
+    """The CLI takes Options' defaults from config (a leaf module): they must stay equal."""
     import inspect
 
     from hwr_batch.cli import process
@@ -108,6 +109,23 @@ def test_process_option_defaults_are_the_python_api_defaults():
     }
     for cli_name, api_name in pairs.items():
         assert cli_defaults[cli_name] == getattr(api, api_name), (cli_name, api_name)
+
+
+def test_every_option_is_a_process_parameter_and_a_config_setting_with_the_same_default():
+    """Each field of Options is a `process` parameter and a config key by its command-line name, and the
+    command line's defaults, turned into Options as `process` does, are Options' own defaults."""
+    import inspect
+    from dataclasses import fields
+
+    from hwr_batch.cli import process
+    from hwr_batch.config import CONFIG_TYPES, Options, cli_name, options_from
+
+    parameters = inspect.signature(process).parameters
+    names = [cli_name(f.name) for f in fields(Options)]
+    assert set(names) <= set(parameters) and set(names) == set(CONFIG_TYPES)
+    assert set(parameters) - set(names) == {"ctx", "config", "dry_run"}  # the only ones that are not options
+    cli_defaults = {name: p.default for name, p in parameters.items()} | {"inputs": ["scans"]}
+    assert options_from(cli_defaults) == Options(inputs=(Path("scans"),))
 
 
 def test_fatal_errors_reach_the_log_file_and_json_logs(cli, tmp_path):
