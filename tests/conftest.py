@@ -126,7 +126,11 @@ def confident_digits(mnist_test_small, shipped_model) -> dict[int, list[int]]:
     classifier = load_classifier(shipped_model)
     raw = predict_proba(classifier, mnist_test_small.images)
     # ... and read right again after the scan-and-normalise round trip the pipeline makes.
-    rescanned = np.stack([to_mnist(255 - digit_strip(mnist_test_small, [i])) for i in range(len(mnist_test_small))])
+    # (Ink is the darkness below the paper's 235, as the segmenter measures it: paper is black in MNIST format.)
+    rescanned = np.stack(
+        [to_mnist(np.clip(235 - digit_strip(mnist_test_small, [i]).astype(np.int16), 0, 255).astype(np.uint8))
+         for i in range(len(mnist_test_small))]
+    )
     again = predict_proba(classifier, rescanned)
     good: dict[int, list[int]] = {d: [] for d in range(10)}
     for i, label in enumerate(mnist_test_small.labels):

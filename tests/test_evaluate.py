@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hwr_batch.classify import load_classifier, predict_proba, top_two
+from hwr_batch.classify import load_classifier, predict_proba, predict_scores, top_two
 from hwr_batch.errors import DatasetError, ModelError
 from hwr_batch.evaluate import edit_distance, evaluate, load_labelled_folder, write_reports
 from hwr_batch.mnist import load_mnist
@@ -27,9 +27,14 @@ def test_shipped_model_reaches_99_4_percent_on_the_full_test_set(shipped_model, 
 
 
 def test_top_two_orders_the_guesses(shipped_model, mnist_test_small):
-    probabilities = predict_proba(load_classifier(shipped_model), mnist_test_small.images)
+    classifier = load_classifier(shipped_model)
+    probabilities = predict_proba(classifier, mnist_test_small.images)
     assert probabilities.shape == (300, 10)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    # The digits and "not a digit" share the probability; MNIST digits are digits.
+    digits, rejects = predict_scores(classifier, mnist_test_small.images)
+    np.testing.assert_array_equal(digits, probabilities)
+    np.testing.assert_allclose(digits.sum(axis=1) + rejects, 1, atol=1e-4)
+    assert classifier.rejects and float(np.median(rejects)) < 0.01
     top = top_two(probabilities)
     assert np.all(top.confidence >= top.second_confidence) and np.all(top.label != top.second)
 

@@ -211,20 +211,22 @@ def _read_strings(folder: Path, rows: list[dict[str, str]], model: Path) -> list
 
 
 @pytest.mark.parametrize(
-    ("name", "minimum"),
+    ("name", "first_row", "minimum"),
     [
-        ("orand_car_a", 0.40),
-        ("danish_row_numbers", 0.75),
-    ],  # measured 0.47 and 0.83 with the shipped model (2026-11-24, commit 0329fae)
+        # Fold B of the cheques only (rows 540 on): the shipped model trained on fold A.
+        ("orand_car_a", 540, 0.55),
+        ("danish_row_numbers", 0, 0.82),
+    ],  # measured 0.65 and 0.90 with the shipped model (2026-12-02); the MNIST-only seed model: 0.42, 0.82
 )
-def test_real_scans_accuracy(real_data_dir, name, minimum):
-    """String exact match over 60 fields spread over the set stays above a floor a bit under what was measured."""
+def test_real_scans_accuracy(real_data_dir, name, first_row, minimum):
+    """String exact match over 60 unseen fields spread over the set stays above a floor a bit under what was measured."""
     model = _model_path()
     folder = real_data_dir / name
     if not (folder / "truth.csv").is_file():
         pytest.skip(f"{folder} has no truth.csv")
     with open(folder / "truth.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("digits_only", "yes") == "yes"]
+        rows = list(csv.DictReader(f))[first_row:]
+    rows = [r for r in rows if r.get("digits_only", "yes") == "yes"]
     rows = rows[:: max(1, len(rows) // 60)][:60]
     strings = _read_strings(folder, rows, model)
     accuracy = float(np.mean([s == r["digits"] for s, r in zip(strings, rows)]))
