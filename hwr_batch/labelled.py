@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import multiprocessing
+import os
 import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ def segment_crops(crops: Sequence[LabelledCrop], *, jobs: int = 1) -> list[Segme
     """Segment every crop (None where the image cannot be read), in ``jobs`` processes."""
     if jobs <= 1 or len(crops) < 64:
         return [_segment_crop(c) for c in crops]
-    with multiprocessing.get_context("forkserver").Pool(jobs, initializer=_single_threaded) as pool:
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(jobs, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         return pool.map(_segment_crop, crops, chunksize=64)
 
 
@@ -95,7 +97,11 @@ def _segment_crop(crop: LabelledCrop) -> SegmentedField | None:
     return segment_labelled(gray, crop.digits, key=str(crop.path))
 
 
-def _single_threaded() -> None:
+def _init_worker(main_pid: int) -> None:
+    """Single-threaded (the parallelism is across crops), and gone when the main process is, even after a SIGKILL."""
+    from ._lifeline import exit_when_gone
+
+    exit_when_gone(main_pid)
     cv2.setNumThreads(1)
 
 
