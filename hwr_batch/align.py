@@ -8,12 +8,11 @@ candidates that reads exactly the label, maximising the model's log-probabilitie
 not mention. The aligned pieces become labelled digits; the candidates the path refuses (merges of two
 digits, fragments of one, marks read as "not a digit") become examples of the model's reject class.
 
-Iterate: align with the current model, train, align again with the better model.
+Iterate: align with the current model, train, align again with the better model::
 
     fields = [segment_labelled(gray, digits) for gray, digits in labelled]
-    probs = predict_proba(classifier, np.concatenate([f.images for f in fields]))
-    # per field: alignment = align_label(f.candidates, log(probs_of_field), f.digits, reject_log_prob=...)
-    # then examples_from_alignment(f, alignment) -> digits and rejects
+    examples, report = examples_from_fields(fields, classifier, source="my fields")  # digits + rejects
+    # train on images (hwr_batch.train), then align again with the new classifier
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import numpy as np
 
 from .normalise import IMAGE_SIZE, to_mnist
 from .segment import FieldCandidates, segment_field_candidates
+from .synth import box_iou
 
 REJECT = -1  # the class given to a path piece that is "not a digit"
 # Before the model has a reject class, a piece that the path calls "not a digit" costs this log-probability:
@@ -68,10 +68,6 @@ class Alignment:
         """The candidate indices aligned to digits, left to right."""
         return [p for p, c in zip(self.pieces, self.classes) if c != REJECT]
 
-    @property
-    def mean_log_prob(self) -> float:
-        return float(np.mean(self.log_probs)) if self.log_probs else 0.0
-
 
 def segment_labelled(gray: np.ndarray, digits: str, key: str = "") -> SegmentedField:
     """Segment one labelled field as ``process`` does and normalise its candidates."""
@@ -108,9 +104,7 @@ def align_label(
     boundary = [np.full(length + 1, -np.inf)]
     boundary[0][0] = 0.0
     trails: list[list[list[tuple[int, int]]]] = [[[] for _ in range(length + 1)]]
-    joins_ending: dict[int, list[tuple[int, int]]] = {}
-    for first, last, index in cands.joins:
-        joins_ending.setdefault(last + 1, []).append((first, index))
+    joins_ending = cands.joins_ending()
 
     def step(value: np.ndarray, k: int, index: int, into: np.ndarray, moves: dict, key: int, origin) -> None:
         """Relax the two ways to read piece ``index`` after ``k`` digits: not a digit, or digit k."""
@@ -170,20 +164,9 @@ def refused_pieces(cands: FieldCandidates, alignment: Alignment) -> list[int]:
     for i, piece in enumerate(cands.pieces):
         if i in on_path:
             continue
-        if all(_iou(piece.bbox, box) < NEAR_DUPLICATE_IOU for box in digits):
+        if all(box_iou(piece.bbox, box) < NEAR_DUPLICATE_IOU for box in digits):
             refused.append(i)
     return refused
-
-
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over union of two (x, y, w, h) boxes."""
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    union = aw * ah + bw * bh - inter
-    return inter / union if union else 0.0
 
 
 @dataclass(frozen=True)

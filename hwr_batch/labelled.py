@@ -21,6 +21,7 @@ import numpy as np
 
 from .align import SegmentedField, segment_labelled
 from .errors import DatasetError
+from .normalise import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class LabelledCrop:
     digits: str
 
 
-def read_truth_folder(folder: Path, *, limit: int | None = None) -> list[LabelledCrop]:
+def read_truth_folder(folder: Path) -> list[LabelledCrop]:
     """The digits-only rows of a truth folder's ``truth.csv``, in file order.
 
     Raises:
@@ -48,12 +49,11 @@ def read_truth_folder(folder: Path, *, limit: int | None = None) -> list[Labelle
         raise DatasetError(f"{truth}: cannot read the labels ({e.strerror or e})") from None
     if rows and not {"image", "digits"} <= set(rows[0]):
         raise DatasetError(f"{truth}: needs the columns image and digits, has {', '.join(rows[0])}")
-    crops = [
+    return [
         LabelledCrop(folder / row["image"], row["digits"].strip())
         for row in rows
         if row.get("digits_only", "yes") == "yes" and row["digits"].strip().isdigit()
     ]
-    return crops[:limit] if limit else crops
 
 
 def segment_crops(crops: Sequence[LabelledCrop], *, jobs: int = 1) -> list[SegmentedField | None]:
@@ -68,25 +68,36 @@ def segment_crops(crops: Sequence[LabelledCrop], *, jobs: int = 1) -> list[Segme
 def cached_segmentation(
     crops: Sequence[LabelledCrop], cache: Path | None, *, jobs: int = 1
 ) -> list[SegmentedField | None]:
-    """:func:`segment_crops`, kept in a pickle file so that repeated experiments segment once.
+    """:func:`segment_crops`, kept in a pickle file so that repeated runs segment once.
 
     The cache is keyed by the crops' paths and labels and by the segmenter's source code, so an edit to
     the segmenter or the normaliser invalidates it.
     """
-    key = _cache_key(crops)
+    key = _cache_key(f"{crop.path}\t{crop.digits}" for crop in crops)
+    return _cached(cache, key, lambda: segment_crops(crops, jobs=jobs))
+
+
+def cached_form_fields(digits, pages: int, cache: Path | None, *, seed: int = 0) -> list[SegmentedField]:
+    """:func:`generated_form_fields`, kept in a pickle file keyed like :func:`cached_segmentation`."""
+    key = _cache_key([f"generated forms: {pages} pages, seed {seed}, digits {digits.source} ({len(digits)})"])
+    return _cached(cache, key, lambda: generated_form_fields(digits, pages, seed=seed))
+
+
+def _cached(cache: Path | None, key: str, compute):
+    """``compute()``, or what an earlier call stored in ``cache`` under the same ``key``."""
     if cache is not None and cache.is_file():
         with open(cache, "rb") as f:
-            stored_key, fields = pickle.load(f)
+            stored_key, value = pickle.load(f)
         if stored_key == key:
-            return fields
-    fields = segment_crops(crops, jobs=jobs)
+            return value
+    value = compute()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            pickle.dump((key, fields), f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(cache)
-    return fields
+    return value
 
 
 def _segment_crop(crop: LabelledCrop) -> SegmentedField | None:
@@ -105,7 +116,8 @@ def _init_worker(main_pid: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _cache_key(crops: Iterable[LabelledCrop]) -> str:
+def _cache_key(lines: Iterable[str]) -> str:
+    """A digest of the segmenter's and normaliser's source code and of ``lines`` (what was segmented)."""
     import hashlib
 
     from . import normalise, segment
@@ -113,8 +125,8 @@ def _cache_key(crops: Iterable[LabelledCrop]) -> str:
     digest = hashlib.sha256()
     for module in (segment, normalise):
         digest.update(Path(module.__file__).read_bytes())
-    for crop in crops:
-        digest.update(f"{crop.path}\t{crop.digits}\n".encode())
+    for line in lines:
+        digest.update(f"{line}\n".encode())
     return digest.hexdigest()
 
 
@@ -122,7 +134,7 @@ def stack_images(fields: Sequence[SegmentedField]) -> tuple[np.ndarray, np.ndarr
     """All candidates of many fields in one (N, 28, 28) uint8 stack, and each field's first index."""
     counts = [len(f.images) for f in fields]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-    images = np.concatenate([f.images for f in fields]) if fields else np.zeros((0, 28, 28), np.uint8)
+    images = np.concatenate([f.images for f in fields]) if fields else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     return images, starts
 
 

@@ -92,6 +92,13 @@ class FieldCandidates:
         """Piece indices of the shape-only reading, left to right."""
         return [i for unit in self.units for i in unit.default]
 
+    def joins_ending(self) -> dict[int, list[tuple[int, int]]]:
+        """The joins by the unit boundary they end at (last unit + 1): {boundary: [(first unit, piece)]}."""
+        ending: dict[int, list[tuple[int, int]]] = {}
+        for first, last, index in self.joins:
+            ending.setdefault(last + 1, []).append((first, index))
+        return ending
+
     def without_ink(self, scale: float = 1.0) -> FieldCandidates:
         """The same candidates with their ink dropped (small to keep or send between processes), and
         boxes and digit height measured on an image resized by ``scale`` given back in original pixels."""
@@ -295,9 +302,7 @@ def read_field(
     best = np.full(n + 1, -np.inf)
     best[0] = 0.0
     back: list[tuple[int, list[int]] | None] = [None] * (n + 1)
-    joins_ending: dict[int, list[tuple[int, int]]] = {}
-    for first, last, index in cands.joins if rejects else ():  # joins need a model that can say "not a digit"
-        joins_ending.setdefault(last + 1, []).append((first, index))
+    joins_ending = cands.joins_ending() if rejects else {}  # joins need a model that can say "not a digit"
     for u in range(1, n + 1):
         value, path = unit_paths[u - 1]
         best[u], back[u] = best[u - 1] + value, (u - 1, path)

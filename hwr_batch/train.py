@@ -559,35 +559,37 @@ def train_on_real(
     """
     from .align import examples_from_fields
     from .classify import SHIPPED_MODEL, load_classifier
-    from .labelled import cached_segmentation, read_truth_folder
+    from .labelled import cached_form_fields, cached_segmentation, read_truth_folder
 
     out_dir = Path(out_dir)
     current = Path(start_model) if start_model else SHIPPED_MODEL
-    segmented = []
+    sets = []  # (name, segmented fields, repeat)
     for index, field_set in enumerate(real):
         crops = read_truth_folder(field_set.folder)[field_set.start : field_set.stop]
         cache = out_dir / "segmented" / f"{index}-{field_set.folder.name}.pkl"
         fields = [f for f in cached_segmentation(crops, cache, jobs=jobs) if f is not None]
         log.info("%s: %d labelled fields segmented", field_set, len(fields))
-        segmented.append(fields)
-    names = [str(s) for s in real]
+        sets.append((str(field_set), fields, field_set.repeat))
     if forms:
-        segmented.append(_generated_fields(out_dir / "segmented", forms, data_dir, config.seed, jobs))
-        names.append(f"generated forms x{forms} (MNIST training digits)")
-        real = [*real, RealFieldSet(Path("generated-forms"))]
+        digits = load_mnist("train", Path(data_dir) if data_dir else default_data_dir())
+        cache = out_dir / "segmented" / f"generated-forms-{forms}-{config.seed}.pkl"
+        fields = cached_form_fields(digits, forms, cache, seed=config.seed)
+        log.info("generated forms: %d pages, %d labelled fields", forms, len(fields))
+        sets.append((f"generated forms x{forms} (MNIST training digits)", fields, 1))
     result: TrainResult | None = None
     for round_number in range(1, rounds + 1):
         classifier = load_classifier(current)
         parts, sources = [], []
-        for field_set, fields, set_name in zip(real, segmented, names):
+        for set_name, fields, repeat in sets:
             examples, report = examples_from_fields(
-                fields, classifier, source=set_name, repeat=field_set.repeat, seed=config.seed + round_number
+                fields, classifier, source=set_name, repeat=repeat, seed=config.seed + round_number
             )
             log.info("round %d, %s: %s", round_number, set_name, report.as_dict())
             parts.append(examples)
-            sources.append({"set": set_name, **report.as_dict(), "repeat": field_set.repeat})
+            sources.append({"set": set_name, **report.as_dict(), "repeat": repeat})
         extra = LabelledImages(
-            np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), " + ".join(names)
+            np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+            " + ".join(name for name, _, _ in sets),
         )
         target = out_dir if round_number == rounds else out_dir / f"round-{round_number}"
         sources.append({"aligned_with": str(current), "round": round_number, "of": rounds})
@@ -601,21 +603,3 @@ def train_on_real(
     assert result is not None
     return result
 
-
-def _generated_fields(folder: Path, pages: int, data_dir: Path | None, seed: int, jobs: int) -> list:
-    """Labelled fields of generated form pages of MNIST training digits, cached in ``folder``."""
-    import pickle
-
-    from .labelled import generated_form_fields
-
-    cache = folder / f"generated-forms-{pages}-{seed}.pkl"
-    if cache.is_file():
-        with open(cache, "rb") as f:
-            return pickle.load(f)
-    digits = load_mnist("train", Path(data_dir) if data_dir else default_data_dir())
-    fields = generated_form_fields(digits, pages, seed=seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(cache, "wb") as f:
-        pickle.dump(fields, f, protocol=pickle.HIGHEST_PROTOCOL)
-    log.info("generated forms: %d pages, %d labelled fields", pages, len(fields))
-    return fields
