@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .confidence import Calibration, load_calibration
 from .errors import ModelError
 from .normalise import IMAGE_SIZE
 
@@ -37,6 +38,8 @@ class Classifier:
             separator, a stray mark, printed text). It is never read as a character.
         path: the model file.
         sha256: hex digest of the model file: its identity in run records and the state database.
+        calibration: the record that turns a field's evidence into the probability that it reads right
+            (``<model>.calibration.json`` beside the model; None if there is none).
     """
 
     session: object
@@ -44,6 +47,7 @@ class Classifier:
     rejects: bool
     path: Path
     sha256: str
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,14 @@ def default_model_path() -> Path:
     return Path(os.environ.get(MODEL_ENV) or SHIPPED_MODEL)
 
 
-def load_classifier(path: Path | None = None, *, threads: int = 0) -> Classifier:
+def load_classifier(path: Path | None = None, *, threads: int = 0, calibrated: bool = True) -> Classifier:
     """Open an ONNX model for inference.
 
     Args:
         path: ``.onnx`` file; default :func:`default_model_path`.
         threads: intra-op threads for ONNX Runtime; 0 lets it use every core.
+        calibrated: load the calibration record beside the model (False: none, and no warning; for a
+            model whose record is still to be written).
 
     Raises:
         ModelError: the file is missing or is not a usable ONNX model.
@@ -106,7 +112,9 @@ def load_classifier(path: Path | None = None, *, threads: int = 0) -> Classifier
             f"{path}: model has {classes} outputs but {len(labels)} labels"
             f"{' and a reject class' if rejects else ''} in its metadata"
         )
-    return Classifier(session, labels, rejects, path, hashlib.sha256(model_bytes).hexdigest())
+    sha256 = hashlib.sha256(model_bytes).hexdigest()
+    calibration = load_calibration(path, sha256) if calibrated else None
+    return Classifier(session, labels, rejects, path, sha256, calibration)
 
 
 def predict_proba(classifier: Classifier, images: np.ndarray, *, batch_size: int = BATCH_SIZE) -> np.ndarray:

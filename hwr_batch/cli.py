@@ -102,6 +102,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": display_text(record.getMessage()),
         }
+        if isinstance(getattr(record, "report", None), dict):  # a run's figures, as numbers
+            entry["report"] = record.report
         if record.exc_info:  # kept multi-line; undecodable bytes in it as \udcNN
             entry["traceback"] = self.formatException(record.exc_info).encode("utf-8", "backslashreplace").decode()
         return json.dumps(entry, ensure_ascii=False)
@@ -183,11 +185,19 @@ def process(
             "a small crop, else runs of handwriting on lines; boxes: only inside boxes; lines; whole: each image is one field.",
         ),
     ] = DEFAULTS.field_mode,
-    min_confidence: Annotated[
+    target_error: Annotated[
         float,
         typer.Option(
+            envvar="HWR_BATCH_TARGET_ERROR", metavar="E",
+            help="Accept a field (leave it unflagged) when its calibrated confidence says the chance that it is "
+            "wrong is under E (0.01: one accepted field in a hundred may be wrong); flag the rest, with the reason.",
+        ),
+    ] = DEFAULTS.target_error,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(
             min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", metavar="0..1",
-            help="Digits the model is less sure of are flagged for review.",
+            help="Accept fields whose confidence is at least this, instead of 1 - --target-error.",
         ),
     ] = DEFAULTS.min_confidence,
     include: Annotated[
@@ -273,7 +283,7 @@ def process(
         return _dry_run(options)
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
         report = run_batch(options, should_stop=stop_requested, progress=progress)
-    log.info("%s", report.summary())
+    log.info("%s", report.summary(), extra={"report": report.counts()})
     for path in report.outputs:
         typer.echo(str(path))
     return int(report.exit_code)

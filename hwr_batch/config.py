@@ -25,7 +25,7 @@ FORMATS: tuple[str, ...] = get_args(Format)
 FIELD_MODES: tuple[str, ...] = get_args(FieldMode)
 
 DEFAULT_OUT_DIR = Path("hwr-results")
-DEFAULT_MIN_CONFIDENCE = 0.8
+DEFAULT_TARGET_ERROR = 0.01  # the chance of a wrong reading that an accepted field may carry
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,10 @@ class Options:
         exclude: glob patterns of files or folders to skip.
         field_mode: ``"auto"``, ``"boxes"`` (only inside printed boxes), ``"lines"`` or ``"whole"``
             (each image is one field).
-        min_confidence: digits the model is less sure of than this are flagged for review.
+        target_error: a field is accepted (not flagged for review) when its calibrated confidence says
+            the chance that its digits are wrong is under this, and no rule flags it.
+        min_confidence: an explicit confidence threshold instead of ``1 - target_error`` (None: from
+            the target).
         pdf_dpi: resolution at which PDF pages are rendered.
         dpi: resolution of every scanned image, whatever its tag says; None: the tag, checked against
             the page's size (see :func:`hwr_batch.layout.choose_dpi`).
@@ -66,7 +69,8 @@ class Options:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     field_mode: FieldMode = "auto"
-    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    target_error: float = DEFAULT_TARGET_ERROR
+    min_confidence: float | None = None
     pdf_dpi: int = 300
     dpi: float | None = None
     max_megapixels: float = 200.0
@@ -91,10 +95,13 @@ class Options:
             raise BadArgsError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
         if self.field_mode not in FIELD_MODES:
             raise BadArgsError(f"--fields must be one of {', '.join(FIELD_MODES)}, got {self.field_mode!r}")
-        for name in ("min_confidence", "max_megapixels"):  # nan passes every comparison below
-            if not math.isfinite(getattr(self, name)):
-                raise BadArgsError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
-        if not 0.0 <= self.min_confidence <= 1.0:
+        for name in ("target_error", "min_confidence", "max_megapixels"):  # nan passes every comparison below
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise BadArgsError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0.0 < self.target_error < 1.0:
+            raise BadArgsError(f"--target-error must be between 0 and 1 (e.g. 0.01 for 1%), got {self.target_error}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise BadArgsError(f"--min-confidence must be between 0 and 1, got {self.min_confidence}")
         if not 50 <= self.pdf_dpi <= 1200:
             raise BadArgsError(f"--pdf-dpi must be between 50 and 1200, got {self.pdf_dpi}")
@@ -115,6 +122,11 @@ class Options:
         )
 
 
+    @property
+    def accept_threshold(self) -> float:
+        """The field confidence a field needs to be accepted: ``min_confidence``, else ``1 - target_error``."""
+        return self.min_confidence if self.min_confidence is not None else 1.0 - self.target_error
+
     def result_settings(self) -> dict[str, object]:
         """The options that change what is read from a file (not how fast, nor where it goes), by name."""
         # Unset ones are left out, so that a setting added later, at its default, changes no hash.
@@ -130,7 +142,7 @@ class Options:
 
 
 # Options that change results; a change is treated like a change of model (stale, redone with --reprocess-stale).
-RESULT_SETTINGS = ("field_mode", "min_confidence", "pdf_dpi", "dpi")
+RESULT_SETTINGS = ("field_mode", "target_error", "min_confidence", "pdf_dpi", "dpi")
 
 
 def option_names() -> list[str]:

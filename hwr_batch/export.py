@@ -23,7 +23,7 @@ DIGIT_COLUMNS = (
 )
 FIELD_COLUMNS = (
     "file", "page", "field", "x", "y", "width", "height",
-    "digits", "digit_count", "min_confidence", "flagged", "flag_reason",
+    "digits", "digit_count", "confidence", "min_confidence", "flagged", "flag_reason",
 )
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
 # One row per page read, so that a page with no field, a blank page or a dead scan is visible too.

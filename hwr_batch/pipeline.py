@@ -110,13 +110,28 @@ class BatchReport:
     def pages_per_second(self) -> float:
         return self.pages / self.seconds if self.seconds else 0.0
 
+    @property
+    def accepted_fields(self) -> int:
+        """Fields read in this run that need no review."""
+        return self.fields - self.flagged_fields
+
+    def counts(self) -> dict[str, int | float | bool]:
+        """The run's figures as plain values (the JSON log's ``report``)."""
+        return {
+            "files_found": self.files_found, "processed": self.processed, "skipped": self.skipped,
+            "failed": self.failed, "stale": self.stale, "pages": self.pages, "fields": self.fields,
+            "accepted_fields": self.accepted_fields, "flagged_fields": self.flagged_fields, "digits": self.digits,
+            "seconds": round(self.seconds, 3), "interrupted": self.interrupted,
+        }
+
     def summary(self) -> str:
         """One line for the log."""
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         return (
             f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped, "
             f"{self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
-            f"{self.digits} digits, {self.flagged_fields} fields flagged; {self.seconds:.1f}s "
+            f"{self.digits} digits; {self.accepted_fields} fields accepted, {self.flagged_fields} flagged for review; "
+            f"{self.seconds:.1f}s "
             f"({self.pages_per_second:.2f} pages/s; {stages})"
         )
 
@@ -395,7 +410,7 @@ def _classify_batch(
     if not readings:
         return
     good = [r for r in readings if r.error is None]
-    digit_rows, field_rows, seconds = classify_readings(good, classifier, min_confidence=options.min_confidence)
+    digit_rows, field_rows, seconds = classify_readings(good, classifier, threshold=options.accept_threshold)
     report.stage_seconds["classify"] += seconds
     for r in readings:
         for note in r.notes:

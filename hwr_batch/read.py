@@ -46,6 +46,7 @@ class FieldReading:
         kind: layout kind (``box``, ``line``, ``whole``).
         candidates: candidate digits (ink dropped: only boxes and cut structure are kept).
         first: index of this field's first candidate in the file's ``images`` stack.
+        cells: a comb's cells as (x0, x1) column ranges in the candidates' coordinates (empty: not a comb).
     """
 
     bbox: tuple[int, int, int, int]
@@ -53,6 +54,7 @@ class FieldReading:
     kind: str
     candidates: FieldCandidates
     first: int
+    cells: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ def _read_page(
         inner_x, inner_y, _, _ = found.inner
         # The field image is the box plus a margin; its interior starts at `inner` within it.
         origin = (x - inner_x, y - inner_y)
-        fields.append(FieldReading(found.bbox, origin, found.kind, candidates.without_ink(scale), first))
+        fields.append(FieldReading(found.bbox, origin, found.kind, candidates.without_ink(scale), first, found.cells))
     return PageReading(index, tuple(fields), gray.shape[:2], layout.angle, layout.dpi, _one_tone(gray))
 
 

@@ -1,73 +1,134 @@
 """Turning classified readings into table rows: a digit row per digit read, a field row per field
-(its digit string and why it is flagged), a page row per page, an error row per file not read."""
+(its digit string, its confidence and why it is flagged), a page row per page, an error row per file not read."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from .classify import Classifier, predict_scores, top_two
+from .classify import Classifier, Predictions, predict_scores, top_two
+from .confidence import (
+    DEFAULT_TARGET_ERROR,
+    field_confidence,
+    field_evidence,
+    hard_flags,
+    review_reasons,
+)
 from .normalise import IMAGE_SIZE
 from .read import FieldReading, FileReading
-from .segment import read_field
+from .segment import Reading, read_field
 
 
-def classify_readings(
-    readings: list[FileReading], classifier: Classifier, *, min_confidence: float
-) -> tuple[list[dict], list[dict], float]:
-    """Classify the candidates of many files in one call, pick each field's reading, build table rows.
+@dataclass(frozen=True)
+class FieldResult:
+    """One field of a file, classified and judged.
+
+    Attributes:
+        page: 1-based page number; field: 1-based field number on the page (as in ``fields.csv``).
+        found: the field as it was segmented.
+        reading: the cuts chosen; ``top`` the top two labels of its digits (None: no digit).
+        evidence: the features of :data:`~hwr_batch.confidence.FEATURES`.
+        confidence: P(the field's digit string is right).
+        reasons: why it is flagged (empty: accepted), as :func:`~hwr_batch.confidence.review_reasons`.
+    """
+
+    reading_file: FileReading
+    page: int
+    field: int
+    found: FieldReading
+    reading: Reading
+    top: Predictions | None
+    evidence: np.ndarray
+    confidence: float
+    reasons: list[str]
+
+
+def judge_readings(
+    readings: list[FileReading],
+    classifier: Classifier,
+    *,
+    threshold: float = 1 - DEFAULT_TARGET_ERROR,
+) -> tuple[list[FieldResult], float]:
+    """Classify the candidates of many files in one call, pick each field's reading and judge it
+    (its confidence from the classifier's calibration record; a field under ``threshold`` is flagged).
 
     Returns:
-        (digit rows, field rows, seconds spent in the model).
+        (one result per field, in file, page and field order; seconds spent in the model).
     """
     stacks = [r.images for r in readings if len(r.images)]
     started = time.perf_counter()
     images = np.concatenate(stacks) if stacks else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     probabilities, reject_probabilities = predict_scores(classifier, images)
     seconds = time.perf_counter() - started
+    results: list[FieldResult] = []
+    offset = 0
+    for reading in readings:
+        for page in reading.pages:
+            for number, found in enumerate(page.fields, start=1):
+                span = slice(offset + found.first, offset + found.first + len(found.candidates.pieces))
+                probs = probabilities[span]
+                rejects = reject_probabilities[span] if classifier.rejects else None
+                choice = read_field(found.candidates, probs, rejects)
+                evidence = field_evidence(found.candidates, probs, rejects, choice)
+                confidence = field_confidence(classifier.calibration, evidence)
+                hard = hard_flags(found.candidates, probs, rejects, choice, found.cells)
+                results.append(FieldResult(
+                    reading, page.index + 1, number, found, choice,
+                    top_two(probs[choice.digits]) if choice.digits else None,
+                    evidence, confidence, review_reasons(confidence, threshold, hard),
+                ))
+        offset += len(reading.images)
+    return results, seconds
+
+
+def classify_readings(
+    readings: list[FileReading],
+    classifier: Classifier,
+    *,
+    threshold: float = 1 - DEFAULT_TARGET_ERROR,
+) -> tuple[list[dict], list[dict], float]:
+    """:func:`judge_readings`, as table rows.
+
+    A digit is flagged when its own probability is under ``threshold``; a field when it is not accepted.
+
+    Returns:
+        (digit rows, field rows, seconds spent in the model).
+    """
+    results, seconds = judge_readings(readings, classifier, threshold=threshold)
     labels = classifier.labels
     digit_rows: list[dict] = []
     field_rows: list[dict] = []
-    offset = 0
-    for reading in readings:
-        file = str(reading.path)  # the exact name; to_frame escapes it (see store.file_text)
-        for page in reading.pages:
-            for number, found in enumerate(page.fields, start=1):
-                pieces = found.candidates.pieces
-                span = slice(offset + found.first, offset + found.first + len(pieces))
-                field_probabilities = probabilities[span]
-                choice = read_field(
-                    found.candidates, field_probabilities, reject_probabilities[span] if classifier.rejects else None
-                )
-                chosen = choice.digits
-                top = top_two(field_probabilities[chosen]) if chosen else None
-                digits = []
-                for position, piece_index in enumerate(chosen):
-                    px, py, pw, ph = pieces[piece_index].bbox
-                    confidence = float(top.confidence[position])
-                    digits.append(labels[top.label[position]])
-                    digit_rows.append(
-                        {
-                            "file": file, "page": page.index + 1, "field": number, "position": position + 1,
-                            "x": found.origin[0] + px, "y": found.origin[1] + py, "width": pw, "height": ph,
-                            "digit": labels[top.label[position]], "confidence": round(confidence, 4),
-                            "second_choice": labels[top.second[position]],
-                            "second_confidence": round(float(top.second_confidence[position]), 4),
-                            "flagged": confidence < min_confidence,
-                        }
-                    )
-                reasons = field_flags(found, chosen, top, min_confidence=min_confidence)
-                x, y, w, h = found.bbox
-                field_rows.append(
-                    {
-                        "file": file, "page": page.index + 1, "field": number, "x": x, "y": y, "width": w, "height": h,
-                        "digits": "".join(digits), "digit_count": len(digits),
-                        "min_confidence": round(float(top.confidence.min()), 4) if top is not None else None,
-                        "flagged": bool(reasons), "flag_reason": "; ".join(reasons),
-                    }
-                )
-        offset += len(reading.images)
+    for result in results:
+        file = str(result.reading_file.path)  # the exact name; to_frame escapes it (see store.file_text)
+        found, top = result.found, result.top
+        pieces = found.candidates.pieces
+        digits = []
+        for position, piece_index in enumerate(result.reading.digits):
+            px, py, pw, ph = pieces[piece_index].bbox
+            confidence = float(top.confidence[position])
+            digits.append(labels[top.label[position]])
+            digit_rows.append(
+                {
+                    "file": file, "page": result.page, "field": result.field, "position": position + 1,
+                    "x": found.origin[0] + px, "y": found.origin[1] + py, "width": pw, "height": ph,
+                    "digit": labels[top.label[position]], "confidence": round(confidence, 4),
+                    "second_choice": labels[top.second[position]],
+                    "second_confidence": round(float(top.second_confidence[position]), 4),
+                    "flagged": confidence < threshold,
+                }
+            )
+        x, y, w, h = found.bbox
+        field_rows.append(
+            {
+                "file": file, "page": result.page, "field": result.field, "x": x, "y": y, "width": w, "height": h,
+                "digits": "".join(digits), "digit_count": len(digits),
+                "confidence": round(result.confidence, 4),
+                "min_confidence": round(float(top.confidence.min()), 4) if top is not None else None,
+                "flagged": bool(result.reasons), "flag_reason": "; ".join(result.reasons),
+            }
+        )
     return digit_rows, field_rows, seconds
 
 
@@ -97,22 +158,6 @@ def page_rows(readings: list[FileReading], field_rows: list[dict]) -> list[dict]
                 "dpi": round(page.dpi, 1),
             })
     return rows
-
-
-def field_flags(found: FieldReading, chosen: list[int], top, *, min_confidence: float) -> list[str]:
-    """Why a field needs a person's eye (empty list: it does not)."""
-    reasons = []
-    if not chosen:
-        reasons.append("no digits found")
-        return reasons
-    low = int((top.confidence < min_confidence).sum())
-    if low:
-        reasons.append(f"{low} digit(s) below confidence {min_confidence:g}")
-    height = found.candidates.digit_height
-    widths = [found.candidates.pieces[i].bbox[2] for i in chosen]
-    if height and max(widths) > 1.2 * height:
-        reasons.append("a digit is wider than it is tall (touching digits?)")
-    return reasons
 
 
 def error_rows(readings: list[FileReading]) -> list[dict]:

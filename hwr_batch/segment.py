@@ -276,21 +276,11 @@ def read_field(
     """
     if len(cands.pieces) == 0:
         return Reading([], [])
-    probs = np.asarray(probabilities, dtype=np.float64)
     rejects = reject_probabilities is not None
-    if digit_bonus is None:
-        digit_bonus = DIGIT_BONUS if rejects else PIECE_BONUS
-    digit_score = np.log(np.maximum(probs.max(axis=1), 1e-9)) + digit_bonus
-    height = max(cands.digit_height, 1.0)
-    best_label = probs.argmax(axis=1)
-    for i, piece in enumerate(cands.pieces):
-        digit_score[i] -= ASPECT_PENALTY * _aspect_misfit(piece.bbox, height)
-        _, _, w, h = piece.bbox
-        if w < SLIM_LIMIT * h and best_label[i] != 1:
-            digit_score[i] -= SLIM_PENALTY
+    digit_score, _, reject_score = span_scores(
+        cands, probabilities, reject_probabilities, digit_bonus=digit_bonus, reject_cost=reject_cost
+    )
     if rejects:
-        widths = np.array([piece.bbox[2] for piece in cands.pieces], np.float64) / height
-        reject_score = np.log(np.maximum(np.asarray(reject_probabilities, np.float64), 1e-9)) - reject_cost * widths
         is_digit = digit_score >= reject_score
         score = np.where(is_digit, digit_score, reject_score)
     else:
@@ -316,6 +306,102 @@ def read_field(
         chosen[:0] = path
         node = previous
     return Reading([i for i in chosen if is_digit[i]], [i for i in chosen if not is_digit[i]])
+
+
+def span_scores(
+    cands: FieldCandidates,
+    probabilities: np.ndarray,
+    reject_probabilities: np.ndarray | None = None,
+    *,
+    digit_bonus: float | None = None,
+    reject_cost: float = REJECT_COST,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What each candidate adds to a reading's score (see :func:`read_field`), three ways.
+
+    Returns:
+        (read as its top digit, read as its second digit, read as "not a digit"), each
+        (len(cands.pieces),) float64; the last is -inf throughout for a model without a reject class.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if digit_bonus is None:
+        digit_bonus = DIGIT_BONUS if reject_probabilities is not None else PIECE_BONUS
+    order = np.argsort(-probs, axis=1)
+    rows = np.arange(len(probs))
+    height = max(cands.digit_height, 1.0)
+    shape = np.array([-ASPECT_PENALTY * _aspect_misfit(piece.bbox, height) for piece in cands.pieces])
+    slim = np.array([piece.bbox[2] < SLIM_LIMIT * piece.bbox[3] for piece in cands.pieces])
+    scores = []
+    for rank in (0, 1):
+        label = order[:, rank] if probs.shape[1] > rank else order[:, 0]
+        score = np.log(np.maximum(probs[rows, label], 1e-9)) + digit_bonus + shape
+        scores.append(score - SLIM_PENALTY * (slim & (label != 1)))
+    if reject_probabilities is None:
+        return scores[0], scores[1], np.full(len(probs), -np.inf)
+    widths = np.array([piece.bbox[2] for piece in cands.pieces], np.float64) / height
+    reject = np.log(np.maximum(np.asarray(reject_probabilities, np.float64), 1e-9)) - reject_cost * widths
+    return scores[0], scores[1], reject
+
+
+def reading_margin(
+    cands: FieldCandidates, probabilities: np.ndarray, reject_probabilities: np.ndarray | None = None
+) -> float:
+    """How much better :func:`read_field`'s reading scores than the best reading of another digit string.
+
+    Every path through the candidates, with each piece read as its top digit, its second digit or
+    "not a digit", is a reading; the margin is the best one's score minus the best score of a path
+    that spells a different string (log-probability units; ``inf`` if there is no other string).
+    A small margin means the field could as well read otherwise: a cut, a join or a digit in doubt.
+    """
+    if len(cands.pieces) == 0:
+        return float("inf")
+    top, second, reject = span_scores(cands, probabilities, reject_probabilities)
+    labels = np.argsort(-np.asarray(probabilities), axis=1)[:, :2]
+    options = [
+        [(float(top[i]), chr(48 + int(labels[i, 0]))), (float(second[i]), chr(48 + int(labels[i, -1])))]
+        + ([(float(reject[i]), "")] if reject_probabilities is not None else [])
+        for i in range(len(cands.pieces))
+    ]
+    boundary: list[list[tuple[float, str]]] = [[(0.0, "")]]
+    joins_ending = cands.joins_ending() if reject_probabilities is not None else {}
+    for u, unit in enumerate(cands.units, start=1):
+        best: list[tuple[float, str]] = []
+        for score, text in _two_best_unit_readings(unit, options):
+            for before, prefix in boundary[u - 1]:
+                _keep_two_best(best, before + score, prefix + text)
+        for first, index in joins_ending.get(u, []):
+            for score, text in options[index]:
+                for before, prefix in boundary[first]:
+                    _keep_two_best(best, before + score, prefix + text)
+        boundary.append(best)
+    final = boundary[-1]
+    return final[0][0] - final[1][0] if len(final) > 1 else float("inf")
+
+
+def _two_best_unit_readings(unit: Unit, options: list[list[tuple[float, str]]]) -> list[tuple[float, str]]:
+    """The two best-scoring distinct strings across a unit (the shape-only path if none crosses it)."""
+    nodes: list[list[tuple[float, str]]] = [[] for _ in range(unit.n_cuts)]
+    nodes[0] = [(0.0, "")]
+    for start, end, index in sorted(unit.spans):
+        for before, prefix in nodes[start]:
+            for score, text in options[index]:
+                _keep_two_best(nodes[end], before + score, prefix + text)
+    if nodes[-1]:
+        return nodes[-1]
+    default = [max(options[i]) for i in unit.default]
+    return [(sum(score for score, _ in default), "".join(text for _, text in default))]
+
+
+def _keep_two_best(best: list[tuple[float, str]], score: float, text: str) -> None:
+    """Add (score, text) to ``best``, which keeps the two best scores of distinct texts, best first."""
+    for k, (other, known) in enumerate(best):
+        if known == text:
+            if score > other:
+                best[k] = (score, text)
+                best.sort(reverse=True)
+            return
+    best.append((score, text))
+    best.sort(reverse=True)
+    del best[2:]
 
 
 def _best_unit_path(unit: Unit, score: np.ndarray) -> tuple[float, list[int]]:

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     t_cls = time.perf_counter() - t0
 
     if product_readings:
-        _, field_rows, _ = classify_readings(list(product_readings.values()), clf, min_confidence=0.8)
+        _, field_rows, _ = classify_readings(list(product_readings.values()), clf)
 
     # 3. Score.
     n_digits = right = edits = n_fields = exact = extra = printed_read = found_fields = 0

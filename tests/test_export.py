@@ -120,7 +120,7 @@ def test_a_failure_while_writes_are_held_back_keeps_what_was_read(
 def test_xlsx_sheets_have_a_frozen_header_a_filter_text_digits_and_flagged_rows_highlighted(tmp_path):
     fields = [
         {"file": "a.png", "page": 1, "field": n, "x": 0, "y": 0, "width": 9, "height": 9, "digits": digits,
-         "digit_count": len(digits), "min_confidence": 0.5, "flagged": flagged, "flag_reason": ""}
+         "digit_count": len(digits), "confidence": 0.9, "min_confidence": 0.5, "flagged": flagged, "flag_reason": ""}
         for n, (digits, flagged) in enumerate([("007", False), ("0421", True), ("12", False)], start=1)
     ]
     tables = {"digits": to_frame("digits", digit_rows(3)), "fields": to_frame("fields", fields), "errors": to_frame("errors", [])}
@@ -128,12 +128,12 @@ def test_xlsx_sheets_have_a_frozen_header_a_filter_text_digits_and_flagged_rows_
     workbook = openpyxl.load_workbook(tmp_path / "results.xlsx")
     sheet = workbook["fields"]
     assert sheet.freeze_panes == "A2"
-    assert sheet.auto_filter.ref == "A1:L4"
+    assert sheet.auto_filter.ref == "A1:M4"
     digits_column = export.FIELD_COLUMNS.index("digits") + 1
     assert [sheet.cell(row, digits_column).value for row in (2, 3, 4)] == ["007", "0421", "12"]  # text: zeros kept
     assert all(sheet.cell(row, digits_column).data_type == "s" for row in (2, 3, 4))
     (rule_range,) = [str(r.sqref) for r in sheet.conditional_formatting]
     (rule,) = sheet.conditional_formatting[rule_range]
-    assert rule_range == "A2:L4" and rule.formula == ["$K2=TRUE"] and rule.dxf.fill.fgColor.rgb.endswith("FFF2CC")
+    assert rule_range == "A2:M4" and rule.formula == ["$L2=TRUE"] and rule.dxf.fill.fgColor.rgb.endswith("FFF2CC")
     assert sheet.cell(3, export.FIELD_COLUMNS.index("flagged") + 1).value is True  # the row the rule marks
     assert workbook["errors"].freeze_panes == "A2" and not list(workbook["errors"].conditional_formatting)

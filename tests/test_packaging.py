@@ -33,6 +33,7 @@ def test_wheel_carries_the_model_and_process_runs_from_it(tmp_path):
     wheel = next((tmp_path / "wheel").glob("hwr_batch-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "hwr_batch/models/hwr-digits.onnx" in names and "hwr_batch/cli.py" in names
+    assert "hwr_batch/models/hwr-digits.calibration.json" in names
     assert not any(name.startswith(("tests/", "samples/", "benchmarks/")) for name in names)
 
     # Install the wheel on its own (dependencies come from this environment) and run it from outside the repo.

@@ -1,0 +1,274 @@
+"""How sure a field's reading is: the evidence of one field, a calibration record, and the review decision.
+
+A field's **confidence** is the probability that its digit string is right. It is computed from what
+the reading's correctness depends on (every digit's probability, the margin to the best reading of
+another string, the "not a digit" score of the pieces read, the widest piece, the ink stepped over)
+by a logistic model fitted on real fields the digit model never saw, and stored beside the model as
+``<model>.calibration.json`` (``scripts/calibrate.py`` fits it; ``hwr-batch learn`` refits it).
+
+A field is **accepted** (not flagged for review) when its confidence says the chance that it is wrong
+is under the target error, and no hard rule flags it:
+
+- ``no_digits``: nothing was read;
+- ``rejected_piece``: a digit was read from a piece the model calls "not a digit" more than that digit;
+- ``dropped_ink``: ink over a fifth of a digit wide was stepped over as "not a digit" (often a lost digit);
+- ``count_mismatch``: a comb's field holds more or fewer digits than it has cells.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+
+from .segment import FieldCandidates, Reading, reading_margin
+
+log = logging.getLogger(__name__)
+
+# What the field confidence is computed from (see field_evidence), in this order.
+FEATURES = (
+    "log_p_sum",  # sum of the read digits' log-probabilities
+    "log_p_min",  # the least sure digit's log-probability
+    "label_gap_min",  # smallest log-ratio between a digit's top and second label
+    "margin",  # best reading's score minus the best reading of another string
+    "reject_max",  # highest "not a digit" probability among the pieces read as digits
+    "digits",  # how many digits were read
+    "widest",  # widest piece read, in digit heights
+    "dropped",  # width stepped over as "not a digit", in digit heights
+)
+_CAP = 20.0  # log-ratios beyond this say nothing more (and keep the features finite)
+
+# Flag reasons, in the order they are listed.
+REASONS = ("no_digits", "rejected_piece", "dropped_ink", "count_mismatch", "low_confidence")
+# Ink stepped over as "not a digit" wider than this share of the digit height flags the field: on the fit
+# sets such fields were wrong 32 times in 40 (a digit lost as a stroke or a speck), whatever their confidence.
+DROPPED_INK_LIMIT = 0.2
+DEFAULT_TARGET_ERROR = 0.01
+
+
+def field_evidence(
+    cands: FieldCandidates,
+    probabilities: np.ndarray,
+    reject_probabilities: np.ndarray | None,
+    reading: Reading,
+) -> np.ndarray:
+    """The features of :data:`FEATURES` for one field's reading.
+
+    Args:
+        cands: the field's candidates.
+        probabilities: (len(cands.pieces), 10) digit probabilities.
+        reject_probabilities: (len(cands.pieces),) "not a digit" probabilities, or None.
+        reading: what :func:`~hwr_batch.segment.read_field` chose.
+    """
+    chosen = reading.digits
+    values = dict.fromkeys(FEATURES, 0.0)
+    values["margin"] = min(reading_margin(cands, probabilities, reject_probabilities), _CAP)
+    if chosen:
+        probs = np.sort(np.asarray(probabilities, np.float64)[chosen], axis=1)
+        logs = np.log(np.maximum(probs[:, -2:], 1e-9))
+        height = max(cands.digit_height, 1.0)
+        values["log_p_sum"] = float(logs[:, 1].sum())
+        values["log_p_min"] = float(logs[:, 1].min())
+        values["label_gap_min"] = float(min((logs[:, 1] - logs[:, 0]).min(), _CAP))
+        values["digits"] = float(len(chosen))
+        values["widest"] = max(cands.pieces[i].bbox[2] for i in chosen) / height
+        if reject_probabilities is not None:
+            values["reject_max"] = float(np.asarray(reject_probabilities)[chosen].max())
+        values["dropped"] = sum(cands.pieces[i].bbox[2] for i in reading.rejected) / height
+    return np.array([values[name] for name in FEATURES], np.float64)
+
+
+def hard_flags(
+    cands: FieldCandidates,
+    probabilities: np.ndarray,
+    reject_probabilities: np.ndarray | None,
+    reading: Reading,
+    cells: tuple[tuple[int, int], ...] = (),
+) -> list[str]:
+    """The rules that flag a field whatever its confidence (see the module docstring), by name.
+
+    Args:
+        cells: a comb's cells as (x0, x1) column ranges in the field's pixels (empty: not a comb).
+    """
+    chosen = reading.digits
+    if not chosen:
+        return ["no_digits"]
+    reasons = []
+    if reject_probabilities is not None:
+        top = np.asarray(probabilities)[chosen].max(axis=1)
+        if (np.asarray(reject_probabilities)[chosen] > top).any():
+            reasons.append("rejected_piece")
+    height = max(cands.digit_height, 1.0)
+    if sum(cands.pieces[i].bbox[2] for i in reading.rejected) / height > DROPPED_INK_LIMIT:
+        reasons.append("dropped_ink")
+    if len(cells) >= 2 and comb_count_mismatch(cands, reading, cells):
+        reasons.append("count_mismatch")
+    return reasons
+
+
+def regular_cells(cells: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """A comb's cells with the dividers the layout missed put back, or () if they do not look like a comb's.
+
+    A comb's cells are equally wide, so a cell about k times the median width is k cells (a divider hidden
+    under ink or broken in the scan); cells of other widths (say 1.5 times) are not a comb's, and the
+    digit count is not checked against them.
+    """
+    if len(cells) < 2:
+        return ()
+    width = float(np.median([x1 - x0 for x0, x1 in cells]))
+    out: list[tuple[int, int]] = []
+    for x0, x1 in cells:
+        ratio = (x1 - x0) / max(width, 1.0)
+        k = round(ratio)
+        if k < 1 or abs(ratio - k) > 0.2:
+            return ()
+        k = max(1, k)
+        edges = np.linspace(x0, x1, k + 1).round().astype(int)
+        out.extend((int(a), int(b)) for a, b in pairwise(edges))
+    return tuple(out)
+
+
+def comb_count_mismatch(cands: FieldCandidates, reading: Reading, cells: tuple[tuple[int, int], ...]) -> bool:
+    """Whether a comb's reading breaks "one digit per cell": a digit outside the inked cells, two digits
+    in one cell, or an inked cell with no digit (a cell is inked when ink covers 40% of its width, or
+    most of a narrow stroke such as a 1 lies in it)."""
+    cells = regular_cells(cells)
+    if not cells:
+        return False
+    homes = []
+    for i in reading.digits:
+        x, _, w, _ = cands.pieces[i].bbox
+        centre = x + w / 2
+        homes.append(next((k for k, (x0, x1) in enumerate(cells) if x0 <= centre < x1), -1))
+    inked = set()
+    for unit in cands.units:
+        boxes = [cands.pieces[i].bbox for _, _, i in unit.spans]
+        left, right = min(b[0] for b in boxes), max(b[0] + b[2] for b in boxes)
+        for k, (x0, x1) in enumerate(cells):
+            if min(right, x1) - max(left, x0) >= min(0.4 * (x1 - x0), 0.6 * (right - left)):
+                inked.add(k)
+    return -1 in homes or len(set(homes)) != len(homes) or set(homes) != inked
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted map from a field's evidence to the probability that its reading is right.
+
+    Attributes:
+        features: names of the features, as :data:`FEATURES` (a record fitted on others is refused).
+        mean, scale: standardisation of each feature.
+        coef, intercept: the logistic model on the standardised features.
+        model_sha256: the digit model it was fitted for.
+        fitted_on: what it was fitted on (sets and field counts), for the record.
+        figures: what it measured (expected calibration error, accept rates), for the record.
+    """
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    model_sha256: str = ""
+    fitted_on: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+
+    def confidence(self, evidence: np.ndarray) -> np.ndarray:
+        """P(reading right) for (n, len(features)) evidence (or one field's (len(features),))."""
+        x = (np.asarray(evidence, np.float64) - np.array(self.mean)) / np.array(self.scale)
+        z = x @ np.array(self.coef) + self.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def save(self, path: Path) -> None:
+        """Write the record as JSON (atomically)."""
+        from .atomic import atomic_write
+
+        text = json.dumps(asdict(self), indent=2) + "\n"
+        atomic_write(Path(path), lambda f: f.write(text), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        """Read a record written by :meth:`save`.
+
+        Raises:
+            ValueError: not a calibration record for these features.
+        """
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        record = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        if record.features != FEATURES:
+            raise ValueError(f"{path}: fitted on features {list(record.features)}, this version uses {list(FEATURES)}")
+        return record
+
+
+def calibration_path(model_path: Path) -> Path:
+    """Where a model's calibration record lives: ``hwr-digits.onnx`` -> ``hwr-digits.calibration.json``."""
+    return Path(model_path).with_suffix(".calibration.json")
+
+
+def load_calibration(model_path: Path, model_sha256: str = "") -> Calibration | None:
+    """The calibration record beside a model, or None (logged) if there is none or it does not fit."""
+    path = calibration_path(model_path)
+    if not path.is_file():
+        log.warning(
+            "%s: no calibration record beside the model; field confidence is the product of the digits' "
+            "probabilities, not calibrated (hwr-batch learn writes one)", path,
+        )
+        return None
+    try:
+        record = Calibration.load(path)
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("%s: not used (%s); field confidence is not calibrated", path, e)
+        return None
+    if model_sha256 and record.model_sha256 and record.model_sha256 != model_sha256:
+        log.warning("%s: fitted for another model (sha256 %s...); used all the same", path, record.model_sha256[:12])
+    return record
+
+
+def field_confidence(calibration: Calibration | None, evidence: np.ndarray) -> float:
+    """P(reading right) of one field: calibrated, or the product of its digits' probabilities without a record."""
+    if calibration is None:
+        return float(np.exp(evidence[FEATURES.index("log_p_sum")])) if evidence[FEATURES.index("digits")] else 0.0
+    return float(calibration.confidence(evidence))
+
+
+def review_reasons(confidence: float, threshold: float, hard: list[str]) -> list[str]:
+    """Why a field is flagged (empty: accepted): the hard rules, then ``low_confidence`` under ``threshold``."""
+    reasons = list(hard)
+    if "no_digits" not in reasons and confidence < threshold:
+        reasons.append("low_confidence")
+    return reasons
+
+
+def fit_calibration(evidence: np.ndarray, right: np.ndarray, **record) -> Calibration:
+    """Fit a :class:`Calibration` on fields' evidence and whether each was read right: a logistic model
+    on the standardised evidence.
+
+    ``record`` goes into the result (``model_sha256``, ``fitted_on``, ``figures``).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(evidence, np.float64)
+    mean = x.mean(axis=0)
+    scale = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
+    model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, np.asarray(right, bool))
+    return Calibration(
+        features=FEATURES, mean=tuple(map(float, mean)), scale=tuple(map(float, scale)),
+        coef=tuple(map(float, model.coef_[0])), intercept=float(model.intercept_[0]), **record,
+    )
+
+
+def expected_calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their share of fields."""
+    confidence = np.asarray(confidence, np.float64)
+    right = np.asarray(right, np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(right[inside].mean() - confidence[inside].mean())
+    return float(total)
