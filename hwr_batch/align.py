@@ -271,15 +271,24 @@ def examples_from_fields(
 
 def read_segmented(fields: list[SegmentedField], classifier) -> list[str]:
     """What ``process`` reads in each segmented field (one batched model call for all of them)."""
+    return [string for string, _ in judge_segmented(fields, classifier)]
+
+
+def judge_segmented(fields: list[SegmentedField], classifier) -> list[tuple[str, np.ndarray]]:
+    """What ``process`` reads in each segmented field, and the evidence its confidence is computed from
+    (:func:`hwr_batch.confidence.field_evidence`); one batched model call for all of them."""
     from .classify import predict_scores
+    from .confidence import field_evidence
     from .labelled import stack_images
     from .segment import read_field
 
     images, starts = stack_images(fields)
     probabilities, rejects = predict_scores(classifier, images)
-    strings = []
+    out = []
     for i, f in enumerate(fields):
         p, r = probabilities[starts[i] : starts[i + 1]], rejects[starts[i] : starts[i + 1]]
-        reading = read_field(f.candidates, p, r if classifier.rejects else None)
-        strings.append("".join(classifier.labels[int(np.argmax(p[k]))] for k in reading.digits))
-    return strings
+        r = r if classifier.rejects else None
+        reading = read_field(f.candidates, p, r)
+        string = "".join(classifier.labels[int(np.argmax(p[k]))] for k in reading.digits)
+        out.append((string, field_evidence(f.candidates, p, r, reading)))
+    return out

@@ -21,18 +21,24 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .align import SegmentedField, examples_from_fields, read_segmented, segment_labelled
+from .align import SegmentedField, examples_from_fields, judge_segmented, read_segmented, segment_labelled
 from .atomic import parse_display_text
 from .classify import SHIPPED_MODEL, Classifier, load_classifier
+from .confidence import calibration_path, expected_calibration_error, fit_calibration
 from .errors import BadArgsError, DatasetError, HwrError, ModelError, OutputError
 from .mnist import LabelledImages, default_data_dir, load_mnist
 
 log = logging.getLogger(__name__)
+
+# A calibration record is refitted on the held-back fields only when there are this many, with at least
+# MIN_EACH_TO_RECALIBRATE read right and as many read wrong (fewer give a noisy fit: the base record is kept).
+MIN_FIELDS_TO_RECALIBRATE = 200
+MIN_EACH_TO_RECALIBRATE = 10
 
 CORRECTION_COLUMNS = ("file", "page", "field", "digits")
 
@@ -214,8 +220,9 @@ def learn(
         out_dir, data=data, config=train_config, extra=examples, init_from=base_keras, progress=False,
         sources=[{"set": str(corrections_csv), **report.as_dict(), "repeat": config.repeat}, {"set": mnist_note}],
     )
-    new = load_classifier(result.onnx_path)
+    new = load_classifier(result.onnx_path, calibrated=False)  # its record is written below
     exact_after = exact_rate(held_out, new)
+    calibration_note = write_calibration(new, base, held_out)
     learn_result = LearnResult(result.onnx_path, out_dir / "learn.json", len(used), len(held_out), exact_before, exact_after)
     record = {
         "base_model": str(base_model),
@@ -234,6 +241,7 @@ def learn(
         "held_out_exact_before": round(exact_before, 4),
         "held_out_exact_after": round(exact_after, 4),
         "better": learn_result.better,
+        "calibration": calibration_note,
         "seconds": round(time.time() - started, 1),
     }
     try:
@@ -241,6 +249,40 @@ def learn(
     except OSError as e:
         raise OutputError(f"{learn_result.record_path}: cannot write ({e.strerror or e})") from None
     return learn_result
+
+
+def write_calibration(new: Classifier, base: Classifier, held_out: list[SegmentedField]) -> str:
+    """Write the new model's calibration record beside it; returns what was done, for learn.json.
+
+    Refitted on the held-back fields when they are enough to fit it (:data:`MIN_FIELDS_TO_RECALIBRATE`,
+    with at least :data:`MIN_EACH_TO_RECALIBRATE` read right and as many read wrong); else the base
+    model's record is copied, so that the new model's confidences are still those of a fitted record.
+    """
+    judged = judge_segmented(held_out, new)
+    evidence = np.stack([e for _, e in judged])
+    right = np.array([s == f.digits for (s, _), f in zip(judged, held_out)])
+    wrong = int((~right).sum())
+    fitted_on = {"held-back corrections": len(held_out), "read wrong": wrong}
+    if len(held_out) >= MIN_FIELDS_TO_RECALIBRATE and min(wrong, int(right.sum())) >= MIN_EACH_TO_RECALIBRATE:
+        record = fit_calibration(evidence, right, model_sha256=new.sha256, fitted_on=fitted_on)
+        note = f"refitted on {len(held_out)} held-back fields ({wrong} read wrong)"
+    elif base.calibration is not None:
+        note = (f"copied from the base model's record: {len(held_out)} held-back fields ({wrong} read wrong) "
+                f"are too few to refit it (needs {MIN_FIELDS_TO_RECALIBRATE}, at least "
+                f"{MIN_EACH_TO_RECALIBRATE} right and as many wrong)")
+        record = replace(base.calibration, model_sha256=new.sha256,
+                         fitted_on={**base.calibration.fitted_on, "note": note})
+    else:
+        log.warning("%s: no calibration record written (too few held-back fields, none for the base model)", new.path)
+        return "none: too few held-back fields to fit one, and the base model has none"
+    ece = expected_calibration_error(record.confidence(evidence), right)
+    record = replace(record, figures={"held-back corrections": {"fields": len(held_out), "ece": round(ece, 4)}})
+    try:
+        record.save(calibration_path(new.path))
+    except OSError as e:
+        raise OutputError(f"{calibration_path(new.path)}: cannot write ({e.strerror or e})") from None
+    log.info("%s: %s (expected calibration error on them %.3f)", calibration_path(new.path), note, ece)
+    return note
 
 
 def _replay_digits(mnist_dir: Path | None, config: LearnConfig) -> tuple[LabelledImages | None, str]:

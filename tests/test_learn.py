@@ -52,11 +52,20 @@ def test_learn_writes_a_measured_model_with_its_lineage_and_process_uses_it(cli,
     assert record["better"] == (record["held_out_exact_after"] > record["held_out_exact_before"])
     assert record["model_sha256"] == hashlib.sha256((out / "hwr-digits.onnx").read_bytes()).hexdigest()
     assert (out / "hwr-digits.keras").is_file() and (out / "hwr-digits.json").is_file()
+    # 10 held-back fields are too few to refit the calibration: the base model's record is carried over,
+    # marked as such and bound to the new model.
+    assert record["calibration"].startswith("copied from the base model's record")
+    calibration = json.loads((out / "hwr-digits.calibration.json").read_text())
+    shipped_calibration = json.loads(SHIPPED_ONNX.with_suffix(".calibration.json").read_text())
+    assert calibration["model_sha256"] == record["model_sha256"]
+    assert calibration["coef"] == shipped_calibration["coef"] and "note" in calibration["fitted_on"]
+    assert "no calibration record" not in result.stderr
     # The shipped model is untouched, and process reads with the new one.
     assert record["model_sha256"] != record["base_model_sha256"]
     results = tmp_path / "results"
     run = cli("process", tmp_path / "scans" / "field_001.png", "--out", results, "--model", out / "hwr-digits.onnx")
     assert run.returncode == 0, run.stderr
+    assert "no calibration record" not in run.stderr
     with open(results / "fields.csv", newline="") as f:
         fields = list(csv.DictReader(f))
     assert len(fields) == 1 and fields[0]["digits"].isdigit()
