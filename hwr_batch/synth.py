@@ -474,6 +474,71 @@ def make_form(
     return img, truth
 
 
+@dataclass(frozen=True)
+class CopySpec:
+    """How far the filled copies of one layout stray from it (drawn uniformly per copy).
+
+    Attributes:
+        max_rotation_deg: rotation in [-max, max] degrees.
+        max_scale: scale in [1 - max, 1 + max].
+        max_shift: shift in [-max, max] times the page's width (x) and height (y).
+        upside_down_prob: chance the copy is also turned by 180 degrees.
+        margin: the scan is this much larger than the paper on every side, as a scanner bed is,
+            so that a shifted page is not cut off.
+    """
+
+    max_rotation_deg: float = 5.0
+    max_scale: float = 0.05
+    max_shift: float = 0.10
+    upside_down_prob: float = 0.2
+    margin: float = 0.12
+
+
+def make_form_copies(
+    n: int,
+    digits: LabelledImages,
+    *,
+    layout_seed: int = 0,
+    seed: int = 1,
+    dpi: int = 300,
+    spec: FormSpec = FormSpec(),
+    scan: ScanSpec = ScanSpec(max_skew_deg=0.0),
+    copy: CopySpec = CopySpec(),
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """``n`` scanned copies of ONE filled form (that of ``layout_seed``), each placed anew.
+
+    Box widths follow the digits' ink, so every copy carries the same handwriting (other digits would
+    make another layout). Each copy is rotated, scaled and shifted within ``copy``, sometimes
+    turned upside down, and scanned (blur, shading, noise); the truth is in the copy's pixels, as
+    :func:`make_form`'s, plus ``transform`` (the 2x3 affine from the layout's page to the copy).
+    """
+    rng = np.random.default_rng(seed)
+    W, H = round(A4_MM[0] / MM_PER_INCH * dpi), round(A4_MM[1] / MM_PER_INCH * dpi)
+    out_w, out_h = round(W * (1 + 2 * copy.margin)), round(H * (1 + 2 * copy.margin))
+    page = _Page(W, H, dpi)
+    _layout_form(page, np.random.default_rng(layout_seed), digits, spec)
+    copies = []
+    for _ in range(n):
+        angle = float(rng.uniform(-copy.max_rotation_deg, copy.max_rotation_deg))
+        if rng.random() < copy.upside_down_prob:
+            angle += 180.0
+        scale = float(rng.uniform(1 - copy.max_scale, 1 + copy.max_scale))
+        dx, dy = rng.uniform(-copy.max_shift, copy.max_shift, 2) * (W, H)
+        m = cv2.getRotationMatrix2D((W / 2.0, H / 2.0), angle, scale)
+        m[:, 2] += (out_w - W) / 2.0 + dx, (out_h - H) / 2.0 + dy
+        img = cv2.warpAffine(page.img, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderValue=255)
+        img, _ = _scan(img, rng, scan, dpi, 0.0)
+        fields = []
+        for f in page.fields:
+            bbox, corners = _transform_box(f["bbox"], m, (out_w, out_h))
+            fields.append({"kind": f["kind"], "bbox": bbox, "corners": corners, "cells": f["cells"],
+                           "text": "".join(str(d["label"]) for d in f["digits"])})
+        truth = {"width": out_w, "height": out_h, "dpi": dpi, "rotation_deg": round(angle, 4), "scale": scale,
+                 "transform": m.tolist(), "fields": fields, "layout_fields": [f["bbox"] for f in page.fields]}
+        copies.append((img, truth))
+    return copies
+
+
 # --------------------------------------------------------------------------------------- files
 
 
