@@ -625,6 +625,116 @@ def download_mnist(data_dir: DataDirOption = None) -> None:
     typer.echo(str(run_download(data_dir)))
 
 
+template_app = typer.Typer(
+    help="Form templates: named fields of one printed layout (see README, 'Named fields: templates').",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(template_app, name="template")
+
+
+def _load_gray(path: Path):
+    """The first page of a sample scan and the dpi to read it at."""
+    from .layout import choose_dpi
+    from .load import iter_pages
+
+    page = next(iter(iter_pages(path)))
+    return page.gray, choose_dpi(page.dpi, page.gray.shape)[0]
+
+
+@template_app.command("create")
+def template_create(
+    sample: Annotated[Path, typer.Argument(help="A blank or filled page of the form.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The template to write.")] = Path("form.toml"),
+) -> None:
+    """Find the printed boxes and combs of SAMPLE and write a template: rename its fields, add rules.
+
+    Rules per [[field]]: digits = N, min = N, max = N, pattern = "regex", optional = true.
+    """
+    from .atomic import atomic_write
+    from .template import create_template, dumps
+
+    gray, dpi = _load_gray(sample)
+    template = create_template(gray, dpi=dpi, name=out.stem)
+    atomic_write(out, lambda f: f.write(dumps(template)), encoding="utf-8")
+    log.info("%s: %d fields", out, len(template.fields))
+    typer.echo(str(out))
+
+
+def _load_templates(paths: list[Path]):
+    from .errors import BadArgsError
+    from .template import load
+
+    try:
+        return [load(p) for p in paths]
+    except ValueError as e:
+        raise BadArgsError(str(e)) from e
+
+
+@template_app.command("show")
+def template_show(
+    template: Annotated[Path, typer.Argument(help="A template (TOML).", exists=True, dir_okay=False)],
+    sample: Annotated[Path, typer.Argument(help="A page to draw it on.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The picture to write (PNG or JPEG).")] = Path("preview.png"),
+) -> None:
+    """Draw the template's fields, with names and cell counts, where they register on SAMPLE."""
+    import cv2
+
+    from .atomic import atomic_write
+    from .errors import InputFileError
+    from .template import draw, register
+
+    (form,) = _load_templates([template])
+    gray, dpi = _load_gray(sample)
+    reg = register(gray, form, dpi=dpi)
+    if not reg.ok:
+        raise InputFileError(f"{sample}: does not match the template {template} (score {reg.score:.2f})")
+    _, data = cv2.imencode(out.suffix if out.suffix.lower() in (".png", ".jpg", ".jpeg") else ".png", draw(gray, form, reg))
+    atomic_write(out, lambda f: f.write(data.tobytes()), mode="wb")
+    typer.echo(str(out))
+
+
+@template_app.command("read")
+def template_read(
+    scans: Annotated[list[Path], typer.Argument(help="Files or folders of scans.", exists=True)],
+    template: Annotated[list[Path], typer.Option("--template", "-t", help="A template (repeat for several).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("results"),
+    min_confidence: Annotated[float, typer.Option(help="Flag a field with a digit under this confidence.")] = 0.8,
+) -> None:
+    """Register each page to the best template and write one row per form: forms.csv (forms-NAME.csv for several).
+
+    Columns: file, page, each field in template order, each <field>_flag, status (read or unregistered).
+    Unregistered pages and unreadable files also go to forms-errors.csv.
+    """
+    import pandas as pd
+
+    from .atomic import atomic_write
+    from .classify import load_classifier
+    from .export import neutralise_formulas
+    from .load import find_inputs
+    from .template import read_forms
+
+    forms = _load_templates(template)
+    paths, unusable = find_inputs(scans)
+    tables, errors = read_forms(paths, forms, load_classifier(), min_confidence=min_confidence)
+    errors += [{"file": str(p), "page": None, "stage": "load", "reason": reason} for p, reason in unusable]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for form in forms:
+        columns = ["file", "page", *(f.name for f in form.fields), *(f"{f.name}_flag" for f in form.fields), "status"]
+        frame = neutralise_formulas(pd.DataFrame(tables[form.name], columns=columns))
+        path = out / ("forms.csv" if len(forms) == 1 else f"forms-{form.name}.csv")
+        atomic_write(path, lambda f, frame=frame: frame.to_csv(f, index=False), newline="", encoding="utf-8")
+        written.append(path)
+    frame = pd.DataFrame(errors, columns=["file", "page", "stage", "reason"])
+    path = out / "forms-errors.csv"
+    atomic_write(path, lambda f: frame.to_csv(f, index=False), newline="", encoding="utf-8")
+    for p in [*written, path]:
+        typer.echo(str(p))
+    if errors:
+        raise typer.Exit(int(ExitCode.partial_failure))
+
+
 GLOBAL_FLAGS = frozenset({"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose", "--json-logs"})
 GLOBAL_VALUE_OPTIONS = frozenset({"--log-file"})
 

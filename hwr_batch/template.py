@@ -307,3 +307,42 @@ def read_form(gray: np.ndarray, templates: list[Template], classifier, *, dpi: f
     values, flags = read_zones(to_template_frame(gray, template, reg), template, classifier,
                                min_confidence=min_confidence)
     return FormReading(template, reg, values, flags)
+
+
+def form_row(file: str, page: int, template: Template, reading: FormReading) -> dict:
+    """The ``forms.csv`` row of one page: file, page, each field, each ``<field>_flag``, status."""
+    row: dict = {"file": file, "page": page}
+    row.update({f.name: reading.values.get(f.name, "") for f in template.fields})
+    row.update({f"{f.name}_flag": reading.flags.get(f.name, "") for f in template.fields})
+    row["status"] = reading.status
+    return row
+
+
+def read_forms(paths: list[Path], templates: list[Template], classifier, *, min_confidence: float = 0.8
+               ) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Read every page of ``paths`` against ``templates``: rows per template name, and error rows.
+
+    A page no template fits becomes an error row (stage ``register``) and an ``unregistered`` row of the
+    first template's table; a file that cannot be read becomes an error row; the other files go on.
+    """
+    from .atomic import display_path
+    from .errors import HwrError
+    from .layout import choose_dpi
+    from .load import iter_pages
+
+    tables: dict[str, list[dict]] = {t.name: [] for t in templates}
+    errors: list[dict] = []
+    for path in paths:
+        file = display_path(path)
+        try:
+            for page in iter_pages(path):
+                dpi, _ = choose_dpi(page.dpi, page.gray.shape)
+                reading = read_form(page.gray, templates, classifier, dpi=dpi, min_confidence=min_confidence)
+                template = reading.template or templates[0]
+                tables[template.name].append(form_row(file, page.index + 1, template, reading))
+                if reading.template is None:
+                    errors.append({"file": file, "page": page.index + 1, "stage": "register",
+                                   "reason": "unregistered: the page matches no template"})
+        except HwrError as e:
+            errors.append({"file": file, "page": None, "stage": "load", "reason": str(e)})
+    return tables, errors

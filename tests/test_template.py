@@ -78,3 +78,31 @@ def test_bad_template_file_names_the_file(tmp_path):
     bad.write_text("name = 'x'\n")
     with pytest.raises(ValueError, match="bad.toml"):
         T.load(bad)
+
+
+def test_cli_create_show_read(copies, tmp_path, cli):
+    from PIL import Image
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(copies[0][0][0]).save(tmp_path / "sample.png", dpi=(300, 300))
+    for i, (img, _) in enumerate([*copies[0][1:3], copies[1][0]]):
+        Image.fromarray(img).save(scans / f"p{i}.png", dpi=(300, 300))
+    made = cli("template", "create", tmp_path / "sample.png", "-o", tmp_path / "form.toml")
+    assert made.returncode == 0, made.stderr
+    text = (tmp_path / "form.toml").read_text().replace('name = "field_01"', 'name = "member_no"\ndigits = 99', 1)
+    (tmp_path / "form.toml").write_text(text)
+    shown = cli("template", "show", tmp_path / "form.toml", scans / "p0.png", "-o", tmp_path / "preview.png")
+    assert shown.returncode == 0, shown.stderr
+    assert cv2.imread(str(tmp_path / "preview.png")).shape[:2] == copies[0][1][0].shape[:2]
+    read = cli("template", "read", scans, "--template", tmp_path / "form.toml", "-o", tmp_path / "out")
+    assert read.returncode == 1, read.stderr  # one page of another form
+    import pandas as pd
+
+    forms = pd.read_csv(tmp_path / "out" / "forms.csv", dtype=str, keep_default_na=False)
+    assert list(forms.columns[:3]) == ["file", "page", "member_no"] and forms.columns[-1] == "status"
+    assert list(forms["status"]) == ["read", "read", "unregistered"]
+    assert list(forms["member_no"][:2]) == [copies[0][1][1]["fields"][0]["text"]] * 2
+    assert all("digits" in flag for flag in forms["member_no_flag"][:2])  # the rule's name
+    errors = pd.read_csv(tmp_path / "out" / "forms-errors.csv")
+    assert list(errors["stage"]) == ["register"] and errors["file"][0].endswith("p2.png")
