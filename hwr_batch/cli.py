@@ -699,7 +699,9 @@ def template_read(
     scans: Annotated[list[Path], typer.Argument(help="Files or folders of scans.", exists=True)],
     template: Annotated[list[Path], typer.Option("--template", "-t", help="A template (repeat for several).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("results"),
-    min_confidence: Annotated[float, typer.Option(help="Flag a field with a digit under this confidence.")] = 0.8,
+    min_confidence: Annotated[
+        float | None, typer.Option(help="Flag a digit under this confidence (default: as process).")
+    ] = None,
 ) -> None:
     """Register each page to the best template and write one row per form: forms.csv (forms-NAME.csv for several).
 
@@ -716,7 +718,7 @@ def template_read(
 
     forms = _load_templates(template)
     paths, unusable = find_inputs(scans)
-    tables, errors = read_forms(paths, forms, load_classifier(), min_confidence=min_confidence)
+    tables, errors = read_forms(paths, forms, load_classifier(), threshold=min_confidence)
     errors += [{"file": str(p), "page": None, "stage": "load", "reason": reason} for p, reason in unusable]
     out.mkdir(parents=True, exist_ok=True)
     written = []

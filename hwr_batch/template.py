@@ -265,7 +265,7 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return ix * iy / max(1, a[2] * a[3] + b[2] * b[3] - ix * iy)
 
 
-def read_zones(upright: np.ndarray, template: Template, classifier, *, min_confidence: float = 0.8) -> tuple[dict, dict]:
+def read_zones(upright: np.ndarray, template: Template, classifier, *, threshold: float | None = None) -> tuple[dict, dict]:
     """Read each named field of a page already in the template's frame, as ``process`` reads boxes.
 
     The page's boxes are found and read by the normal path (:func:`hwr_batch.read.read_page`,
@@ -279,8 +279,8 @@ def read_zones(upright: np.ndarray, template: Template, classifier, *, min_confi
     from .rows import classify_readings
 
     page, images = read_page(upright, dpi=template.dpi, settings=ReadSettings(field_mode="boxes"))
-    _, rows, _ = classify_readings([FileReading(PurePath("page"), [page], images)], classifier,
-                                   min_confidence=min_confidence)
+    kwargs = {} if threshold is None else {"threshold": threshold}
+    _, rows, _ = classify_readings([FileReading(PurePath("page"), [page], images)], classifier, **kwargs)
     values: dict[str, str] = {}
     flags: dict[str, str] = {}
     for f in template.fields:
@@ -298,14 +298,14 @@ def read_zones(upright: np.ndarray, template: Template, classifier, *, min_confi
 
 
 def read_form(gray: np.ndarray, templates: list[Template], classifier, *, dpi: float,
-              min_confidence: float = 0.8) -> FormReading:
+              threshold: float | None = None) -> FormReading:
     """Register a page to the best of ``templates`` and read its named fields (``unregistered`` if none fits)."""
     fit = best_registration(gray, templates, dpi=dpi)
     if fit is None:
         return FormReading(None, None, {}, {})
     template, reg = fit
     values, flags = read_zones(to_template_frame(gray, template, reg), template, classifier,
-                               min_confidence=min_confidence)
+                               threshold=threshold)
     return FormReading(template, reg, values, flags)
 
 
@@ -318,7 +318,7 @@ def form_row(file: str, page: int, template: Template, reading: FormReading) -> 
     return row
 
 
-def read_forms(paths: list[Path], templates: list[Template], classifier, *, min_confidence: float = 0.8
+def read_forms(paths: list[Path], templates: list[Template], classifier, *, threshold: float | None = None
                ) -> tuple[dict[str, list[dict]], list[dict]]:
     """Read every page of ``paths`` against ``templates``: rows per template name, and error rows.
 
@@ -337,7 +337,7 @@ def read_forms(paths: list[Path], templates: list[Template], classifier, *, min_
         try:
             for page in iter_pages(path):
                 dpi, _ = choose_dpi(page.dpi, page.gray.shape)
-                reading = read_form(page.gray, templates, classifier, dpi=dpi, min_confidence=min_confidence)
+                reading = read_form(page.gray, templates, classifier, dpi=dpi, threshold=threshold)
                 template = reading.template or templates[0]
                 tables[template.name].append(form_row(file, page.index + 1, template, reading))
                 if reading.template is None:

@@ -34,7 +34,7 @@ def _true_reads(img: np.ndarray, truth: dict, classifier) -> list[str]:
     W, H = 2480, 3508
     upright = cv2.warpAffine(img, m, (W, H), borderValue=255)
     page, images = read_page(upright, dpi=300, settings=ReadSettings(field_mode="boxes"))
-    _, rows, _ = classify_readings([FileReading("p", [page], images)], classifier, min_confidence=0.8)
+    _, rows, _ = classify_readings([FileReading("p", [page], images)], classifier)
     out = []
     for box in truth["layout_fields"]:
         best = max(rows, key=lambda r: box_iou(box, (r["x"], r["y"], r["width"], r["height"])))
