@@ -180,29 +180,26 @@ def to_template_frame(gray: np.ndarray, template: Template, reg: Registration) -
 # --------------------------------------------------------------------------------------- TOML
 
 
-def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def dumps(t: Template) -> str:
-    """The template as TOML (fields as ``[[field]]`` tables, features base64 at the end)."""
-    lines = [f"name = {_q(t.name)}", f"width = {t.width}", f"height = {t.height}", f"dpi = {t.dpi}", ""]
+    """The template as TOML: its page, a ``[[field]]`` table per field (rules ``digits``, ``min``, ``max``,
+    ``pattern``, ``optional`` where set) and the ``[registration]`` features (base64; generated, not to edit)."""
+    import tomli_w
+
+    fields = []
     for f in t.fields:
-        lines += ["[[field]]", f"name = {_q(f.name)}", f"box = [{', '.join(map(str, f.box))}]", f"cells = {f.cells}"]
-        for rule in ("digits", "min", "max"):
-            if getattr(f, rule) is not None:
-                lines.append(f"{rule} = {getattr(f, rule)}")
-        if f.pattern is not None:
-            lines.append(f"pattern = {_q(f.pattern)}")
+        entry: dict = {"name": f.name, "box": list(f.box), "cells": f.cells}
+        entry |= {rule: getattr(f, rule) for rule in ("digits", "min", "max", "pattern") if getattr(f, rule) is not None}
         if f.optional:
-            lines.append("optional = true")
-        lines.append("# rules: digits = N, min = N, max = N, pattern = '[0-9]{6}', optional = true")
-        lines.append("")
-    kp = base64.b64encode(np.round(t.keypoints).astype("<i4").tobytes()).decode()
-    desc = base64.b64encode(t.descriptors.tobytes()).decode()
-    lines += ["[registration]", "# ORB features of the printed form (generated: do not edit)",
-              f"keypoints = {_q(kp)}", f"descriptors = {_q(desc)}", ""]
-    return "\n".join(lines)
+            entry["optional"] = True
+        fields.append(entry)
+    document = {
+        "name": t.name, "width": t.width, "height": t.height, "dpi": t.dpi, "field": fields,
+        "registration": {
+            "keypoints": base64.b64encode(np.round(t.keypoints).astype("<i4").tobytes()).decode(),
+            "descriptors": base64.b64encode(t.descriptors.tobytes()).decode(),
+        },
+    }
+    return tomli_w.dumps(document)
 
 
 def load(path: Path) -> Template:
