@@ -86,6 +86,9 @@ class FileReading:
         seconds: time spent per stage.
         notes: things the main process should log (a resolution tag ignored, per page).
         error_page: the 1-based page the error is on (None: the file as a whole).
+        scores: the model's label probabilities (N, labels) and "not a digit" probabilities (N,) of the
+            candidates, when they were classified where the file was read (a Dask worker, see
+            :mod:`hwr_batch.cluster`); ``images`` is then empty, as they are not needed any more.
     """
 
     path: Path
@@ -95,6 +98,12 @@ class FileReading:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error_page: int | None = None
+    scores: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def candidates(self) -> int:
+        """The number of candidate digits read from the file (rows of ``images``, or of ``scores``)."""
+        return len(self.images) if self.scores is None else len(self.scores[0])
 
 
 _DEFAULTS = Options(inputs=())

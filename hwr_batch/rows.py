@@ -57,10 +57,8 @@ def judge_readings(
     Returns:
         (one result per field, in file, page and field order; seconds spent in the model).
     """
-    stacks = [r.images for r in readings if len(r.images)]
     started = time.perf_counter()
-    images = np.concatenate(stacks) if stacks else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-    probabilities, reject_probabilities = predict_scores(classifier, images)
+    probabilities, reject_probabilities = score_readings(readings, classifier)
     seconds = time.perf_counter() - started
     results: list[FieldResult] = []
     offset = 0
@@ -79,7 +77,7 @@ def judge_readings(
                     top_two(probs[choice.digits]) if choice.digits else None,
                     evidence, confidence, review_reasons(confidence, threshold, hard),
                 ))
-        offset += len(reading.images)
+        offset += reading.candidates
     return results, seconds
 
 
@@ -130,6 +128,26 @@ def classify_readings(
             }
         )
     return digit_rows, field_rows, seconds
+
+
+def score_readings(readings: list[FileReading], classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
+    """The label (N, labels) and "not a digit" (N,) probabilities of the candidates of ``readings``, in order:
+    those a worker computed already (:attr:`FileReading.scores`, on a Dask worker with the same model), the
+    others' in one model call."""
+    unscored = [r.images for r in readings if r.scores is None and len(r.images)]
+    images = np.concatenate(unscored) if unscored else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    probabilities, rejects = predict_scores(classifier, images)  # no model call for no images
+    if all(r.scores is None for r in readings):
+        return probabilities, rejects
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    at = 0
+    for r in readings:
+        if r.scores is None:
+            parts.append((probabilities[at : at + len(r.images)], rejects[at : at + len(r.images)]))
+            at += len(r.images)
+        else:
+            parts.append(r.scores)
+    return np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts])
 
 
 def page_rows(readings: list[FileReading], field_rows: list[dict]) -> list[dict]:
