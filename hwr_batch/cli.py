@@ -214,6 +214,15 @@ def process(
             "--jobs", "-j", min=0, envvar="HWR_BATCH_JOBS", metavar="N", help="Worker processes for reading pages; 0 = one per core."
         ),
     ] = DEFAULTS.jobs,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            "--dask", metavar="tcp://HOST:PORT|local:N",
+            help="Read and classify the files on a Dask cluster: the address of a `dask scheduler` with workers, or "
+            "local:N for N worker processes here (-j is then not used). Scans and model must be readable on every worker "
+            "under the same paths (shared storage); state, tables and lock stay here. Needs: pip install 'hwr-batch[dask]'.",
+        ),
+    ] = DEFAULTS.dask,
     annotate: Annotated[
         Path | None, typer.Option(help="Also write a JPEG of each page with the fields, their numbers and the digits read drawn on it.", file_okay=False)
     ] = DEFAULTS.annotate_dir,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -59,6 +60,8 @@ class Options:
         reprocess_stale: reprocess files done with a different model (otherwise only counted as stale).
         prune: drop the rows and records of files that no longer exist under an input folder.
         batch_digits: digits collected before one classification call.
+        dask: read and classify the files on a Dask cluster: a scheduler's address (``tcp://HOST:PORT``)
+            or ``local:N`` (a cluster of N worker processes on this machine); None: ``jobs`` local processes.
     """
 
     inputs: tuple[Path, ...]
@@ -82,6 +85,7 @@ class Options:
     reprocess_stale: bool = False
     prune: bool = False
     batch_digits: int = 4096
+    dask: str | None = None
 
     def validated(self) -> Options:
         """Check every option; return a copy with defaults resolved.
@@ -113,6 +117,11 @@ class Options:
             raise BadArgsError(f"--jobs must be 0 (all cores) or more, got {self.jobs}")
         if self.batch_digits < 1:
             raise BadArgsError(f"batch_digits must be at least 1, got {self.batch_digits}")
+        if self.dask is not None and not re.fullmatch(DASK_ADDRESS, self.dask):
+            raise BadArgsError(
+                f"--dask must be a scheduler's address (tcp://HOST:PORT, or tls://, ws://, wss://, inproc://) or local:N "
+                f"(N worker processes on this machine), got {self.dask!r}"
+            )
         return replace(
             self,
             inputs=tuple(Path(p) for p in self.inputs),
@@ -140,6 +149,9 @@ class Options:
         text = json.dumps(self.result_settings(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+
+# A scheduler's address, as Dask's protocols spell them, or local:N (N >= 1 worker processes on this machine).
+DASK_ADDRESS = r"(tcp|tls|ws|wss|inproc|ucx)://\S+|local:[1-9][0-9]*"
 
 # Options that change results; a change is treated like a change of model (stale, redone with --reprocess-stale).
 RESULT_SETTINGS = ("field_mode", "target_error", "min_confidence", "pdf_dpi", "dpi")
@@ -170,6 +182,7 @@ _OPTION_TYPES = {
     "tuple[Path, ...]": ("paths", lambda v: tuple(Path(p) for p in v)),
     "Path": ("path", Path),
     "Path | None": ("path", lambda v: Path(v) if v else None),
+    "str | None": ("text", lambda v: v or None),
     "Format": ("text", lambda v: v),
     "FieldMode": ("text", lambda v: v),
     "tuple[str, ...]": ("texts", lambda v: tuple(v or ())),

@@ -73,6 +73,16 @@ class LockHeldError(HwrError):
     exit_code = ExitCode.lock_held
 
 
+class ClusterError(HwrError):
+    """The Dask cluster of ``process --dask`` cannot be reached, has no workers, or went away during the run.
+
+    Exit code 3, as for an unmounted share: something the run reads from is not there (nothing is lost;
+    the files read are written and marked, a re-run does the rest).
+    """
+
+    exit_code = ExitCode.input_file
+
+
 class MissingDependencyError(HwrError):
     """A command needs an optional part of hwr-batch that is not installed (e.g. the ``train`` extra)."""
 

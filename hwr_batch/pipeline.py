@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 
 from .annotate import annotate_files
 from .atomic import check_writable, remove_stale_temp_files
 from .classify import Classifier, load_classifier
+from .cluster import check_workers, connect, iter_cluster_readings, require_dask
 from .config import Options
 from .errors import ExitCode, HwrError, InputFileError, OutputError
 from .export import empty_tables, read_tables
@@ -57,6 +58,9 @@ from .state import (
     stale_files,
 )
 from .store import ResultStore, redo_files_whose_rows_do_not_match
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 # The API (README, scripts/, benchmarks/): the run, and the reading and row building it is made of
 # (whose own modules are read.py and rows.py).
@@ -160,6 +164,8 @@ def run_batch(
         HwrError: for problems that stop the whole run (bad options, model, lock, state, output).
     """
     options = options.validated()
+    if options.dask:
+        require_dask()  # before anything is written
     started = time.perf_counter()
     report = BatchReport()
     check_inputs_exist(options.inputs)
@@ -172,6 +178,10 @@ def run_batch(
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
         classifier = load_classifier(options.model)
+        client = None
+        if options.dask:  # the workers read the files: before any work, check they can (see cluster.py)
+            client = stack.enter_context(connect(options.dask))
+            check_workers(client, model=classifier.path, model_sha=classifier.sha256, inputs=options.inputs)
         # Never read our own outputs (or the state folder) back as scans when they sit inside an input folder.
         own = [d for d in (options.out_dir, options.state_dir, options.annotate_dir) if d is not None]
         files, problems = find_inputs(options.inputs, include=options.include, exclude=options.exclude, skip_dirs=own)
@@ -180,7 +190,7 @@ def run_batch(
         run_id = begin_run(db, model_sha=classifier.sha256, settings_sha=options.settings_sha())
         report.run_id = run_id
         try:
-            _run(files, problems, options, classifier, db, report, should_stop, progress)
+            _run(files, problems, options, classifier, db, report, should_stop, progress, client)
         except BaseException as error:
             code = ExitCode.ctrl_c if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", ExitCode.other_error)
             try:
@@ -233,6 +243,7 @@ def _run(
     report: BatchReport,
     should_stop: Callable[[], bool],
     progress: Progress | None,
+    client: Client | None,
 ) -> None:
     """The body of :func:`run_batch`, under its locks and run record."""
     if options.out_dir.is_dir():
@@ -254,7 +265,7 @@ def _run(
     )
     if progress:
         progress.start(len(todo))
-    _read_classify_and_store(todo, store, classifier, options, report, should_stop, progress)
+    _read_classify_and_store(todo, store, classifier, options, report, should_stop, progress, client)
     if not report.outputs or pruned:  # nothing to process: still leave valid (possibly empty) tables
         report.outputs = store.write()
     if pruned:  # only now that the tables no longer hold them: a crash before this line prunes them next time
@@ -319,20 +330,26 @@ def _read_classify_and_store(
     report: BatchReport,
     should_stop: Callable[[], bool],
     progress: Progress | None,
+    client: Client | None,
 ) -> None:
-    """Read the files to do in workers, classify them in batches, write the tables when due and mark the files."""
+    """Read the files to do in workers (local processes, or a Dask cluster's workers, which classify them too),
+    classify them in batches, write the tables when due and mark the files."""
     settings = ReadSettings.of(options)
     pending: list[FileReading] = []
     pending_digits = 0
     paths = _until(list(todo), should_stop, report)
+    if client is not None:
+        readings = iter_cluster_readings(client, paths, settings, model=classifier.path, model_sha=classifier.sha256)
+    else:
+        readings = iter_readings(paths, settings, jobs=min(options.jobs, len(todo)))
     try:
-        for reading in iter_readings(paths, settings, jobs=min(options.jobs, len(todo))):
+        for reading in readings:
             for stage, seconds in reading.seconds.items():
                 report.stage_seconds[stage] += seconds
             if progress:  # as each file is read: writing waits for a batch, or longer (see store._Unwritten)
                 progress.advance(reading.path, "failed" if reading.error else "read")
             pending.append(reading)
-            pending_digits += len(reading.images)
+            pending_digits += reading.candidates
             if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
                 _classify_batch(pending, store, classifier, options, report)
                 pending, pending_digits = [], 0
