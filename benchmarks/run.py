@@ -7,6 +7,7 @@
     python benchmarks/run.py e2e        # (c) real CLI, -j 1 vs -j N: pages/s, peak memory, stage times
     python benchmarks/run.py startup    # (d) `hwr-batch --help` and one page end to end
     python benchmarks/run.py tesseract  # (e) Tesseract beside hwr-batch: pages/s and accuracy on the same pages
+    python benchmarks/run.py dask       # (f) process --dask local:N beside -j N: pages/s, equal tables, sizing
 
 Every benchmark writes OUT/<name>.json (machine, versions, load, exact command line, figures, and whether
 each bar is met) and prints a table. Generated pages are cached in benchmarks/.cache (reproducible from the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -387,6 +389,7 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, poll: flo
         # ru_*time misses descendants that were never reaped by the root (e.g. forkserver workers); the
         # polled sum over every process seen in the tree does not (it may miss each one's last `poll` s).
         "tree_cpu_s": sum(cpu.values()),
+        "root_cpu_s": cpu.get(proc.pid),  # the main process alone (with --dask: the client)
         "stdout": out_chunks.get("stdout", ""), "stderr": out_chunks.get("stderr", ""),
     }
 
@@ -883,8 +886,70 @@ def bench_tesseract(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ main
 
+# ------------------------------------------------------------------------------------ (f) Dask cluster
+
+NIGHT_PAGES, NIGHT_HOURS = 1_000_000, 8
+
+
+def bench_dask(args: argparse.Namespace) -> dict[str, Any]:
+    """`process -j N` and `process --dask local:N` (N single-threaded worker processes), alternately, on the
+    same pages in the same session; the tables of every run compared byte for byte."""
+    model = resolve_model(args.model)
+    folder = ensure_pages(args.cache, args.pages, args.seed, mnist_dir(args.data_dir), args.gen_jobs)
+    n = len(page_files(folder))
+    jobs = args.jobs or os.cpu_count() or 1
+    variants = {f"-j {jobs}": ["-j", str(jobs)], f"--dask local:{jobs}": ["--dask", f"local:{jobs}"]}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    tables: dict[str, dict[str, bytes]] = {}
+    with tempfile.TemporaryDirectory(prefix="hwr-bench-dask-") as tmp:
+        for repeat in range(args.repeats):
+            for name, extra in variants.items():  # alternating, so that a change in the machine's load hits both
+                out = Path(tmp) / f"out-{len(tables)}"
+                cmd = [hwr_batch_exe(), "-v", "process", str(folder), "-o", str(out), "-m", str(model), *extra]
+                log(f"dask: {n} pages, {name} (repeat {repeat + 1}/{args.repeats})")
+                r = run_measured(cmd)
+                r["pages_per_s"] = n / r["wall_s"]
+                r["summary"] = parse_summary(r["stderr"])
+                r.pop("stdout")
+                r["stderr_tail"] = r.pop("stderr")[-2000:]
+                if r["returncode"] != 0:
+                    log(f"warning: `{r['cmd']}` exited {r['returncode']}: {r['stderr_tail']}")
+                runs[name].append(r)
+                tables[f"{name} #{repeat + 1}"] = {t: (out / f"{t}.csv").read_bytes() for t in
+                                                  ("digits", "fields", "errors", "pages") if (out / f"{t}.csv").exists()}
+    reference = next(iter(tables.values()))
+    equal = all(t == reference and len(t) == 4 for t in tables.values())
+    best = {name: max(r["pages_per_s"] for r in rs) for name, rs in runs.items()}
+    local, dask = best[f"-j {jobs}"], best[f"--dask local:{jobs}"]
+    ratio = dask / local
+    per_core = dask / jobs  # pages/s per worker core (the client ran on the same cores)
+    needed = NIGHT_PAGES / (NIGHT_HOURS * 3600)
+    machines = math.ceil(needed / (2 * per_core))
+    client_cpu = [r["root_cpu_s"] / r["tree_cpu_s"] for r in runs[f"--dask local:{jobs}"] if r["root_cpu_s"] and r["tree_cpu_s"]]
+    result = {
+        "model": str(model), "pages": n, "folder": str(folder), "jobs": jobs, "runs": runs,
+        "digits": reference["digits"].count(b"\n") - 1 if "digits" in reference else None,
+        "tables_equal": equal, "best_pages_per_s": best, "dask_vs_local": ratio,
+        "pages_per_s_per_worker_core": per_core, "client_share_of_cpu": max(client_cpu, default=None),
+        "night": {"pages": NIGHT_PAGES, "hours": NIGHT_HOURS, "pages_per_s_needed": needed,
+                  "two_core_worker_machines": machines},
+        "bars": {f"tables of --dask equal those of -j {jobs} ({n} pages)": equal,
+                 f"--dask local:{jobs} within 15% of -j {jobs}": ratio >= 0.85},
+    }
+    table(f"(f) `hwr-batch process` over {n} pages: -j {jobs} beside --dask local:{jobs} (wall of the whole command)",
+          ["run", "exit", "wall s", "pages/s", "CPU s/page", "client CPU share", "peak tree PSS MB"],
+          [[f"{name} #{i + 1}", r["returncode"], r["wall_s"], r["pages_per_s"], r["tree_cpu_s"] / n,
+            (r["root_cpu_s"] or 0) / r["tree_cpu_s"] if r["tree_cpu_s"] else float("nan"), r["peak_tree_pss_bytes"] / 2**20]
+           for name, rs in runs.items() for i, r in enumerate(rs)])
+    table("(f) ratio and sizing (best run of each)",
+          ["-j pages/s", "--dask pages/s", "dask / local", "pages/s per worker core", f"2-core machines for {NIGHT_PAGES:,} pages in {NIGHT_HOURS} h"],
+          [[local, dask, f"{ratio:.2f}", per_core, machines]])
+    _print_bars(result["bars"])
+    return result
+
+
 BENCHES = {"classify": bench_classify, "segment": bench_segment, "e2e": bench_e2e, "startup": bench_startup,
-           "tesseract": bench_tesseract}
+           "tesseract": bench_tesseract, "dask": bench_dask}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment-pages", type=int, default=20, help="pages timed one by one in (b) (default 20)")
     p.add_argument("--tess-pages", type=int, default=40, help="pages for the Tesseract comparison (default 40)")
     p.add_argument("--digits", type=int, default=20_000, help="digits classified in (a) (default 20000)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats in (a); the best is reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats in (a), and runs of each variant in (f); the best is reported")
     p.add_argument("--sweep-repeats", type=int, default=2, help="timed repeats per configuration of the (a) sweep")
     p.add_argument("--startup-runs", type=int, default=5, help="runs of each start-up command (median reported)")
     p.add_argument("--jobs", "-j", type=int, default=0, help="processes for the parallel runs; 0 = os.cpu_count()")
@@ -912,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON results (default benchmarks/results)")
     args = p.parse_args(argv)
     names = list(BENCHES) if "all" in args.benchmark else list(dict.fromkeys(args.benchmark))
-    if "e2e" in names or "tesseract" in names:
+    if "e2e" in names or "tesseract" in names or "dask" in names:
         # Generate the largest page set once, up front, so no benchmark's timing includes generation.
         ensure_pages(args.cache, max(args.pages, args.tess_pages if "tesseract" in names else 0), args.seed,
                      mnist_dir(args.data_dir), args.gen_jobs)
