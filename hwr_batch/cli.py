@@ -519,9 +519,8 @@ def learn(
         Path,
         typer.Argument(
             help="A CSV with columns file, page, field, digits: rows of fields.csv whose digits a person "
-            "corrected or confirmed (digits = the true string). Rows whose digits are empty or not digits are "
-            "left out.",
-            dir_okay=False,
+            "corrected or confirmed (digits = the true string); or a run folder, whose corrections.csv "
+            "(written by `hwr-batch review`) is read. Rows whose digits are empty or not digits are left out.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new model (never the shipped model's).")] = Path(
@@ -548,6 +547,8 @@ def learn(
     OUT/learn.json (base model, data, figures). Says plainly whether the new model is better.
     """
     require_training_extra("learn")
+    if corrections.is_dir():
+        corrections = corrections / "corrections.csv"
     from .learn import LearnConfig
     from .learn import learn as run_learn
     from .read import ReadSettings
@@ -559,6 +560,39 @@ def learn(
     )
     typer.echo(result.summary())
     typer.echo(f"model {result.model_path}; record {result.record_path}")
+
+
+@app.command()
+def review(
+    out: Annotated[Path, typer.Argument(help="The run folder `process` wrote (with fields.csv).", file_okay=False)],
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Only print the URL.")] = False,
+    all_fields: Annotated[bool, typer.Option("--all", help="Offer every field, not only the flagged ones.")] = False,
+) -> None:
+    """Check flagged fields in the browser; corrections go to OUT/corrections.csv for `hwr-batch learn OUT`.
+
+    Serves a local page on 127.0.0.1 with a random token in its URL (printed here); requests without it
+    are refused. Crops are cut from the scans named in fields.csv, so they must still be there. Ctrl+C stops.
+    """
+    from .review import start_review
+
+    server = start_review(out, port=port, include_all=all_fields)
+    typer.echo(server.url)
+    sys.stdout.flush()
+    if not no_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # saves are already durable: just stop
+    try:
+        while server.is_running():
+            server.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 @app.command()
