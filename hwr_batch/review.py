@@ -191,13 +191,14 @@ def create_app(out: Path, *, token: str, include_all: bool = False):
         if not secrets.compare_digest(given, token):
             abort(403)
 
+    # The script is inlined: a <script src> request would carry no token.
+    html = (static / "review.html").read_text(encoding="utf-8").replace(
+        '<script src="review.js"></script>', "<script>" + (static / "review.js").read_text(encoding="utf-8") + "</script>"
+    )
+
     @app.get("/")
     def page():
-        return (static / "review.html").read_text(encoding="utf-8"), 200, {"Content-Type": "text/html; charset=utf-8"}
-
-    @app.get("/review.js")
-    def script():
-        return (static / "review.js").read_text(encoding="utf-8"), 200, {"Content-Type": "text/javascript"}
+        return html, 200, {"Content-Type": "text/html; charset=utf-8"}
 
     @app.get("/api/fields")
     def api_fields():

@@ -15,10 +15,10 @@ import pytest
 from hwr_batch.synth import write_forms
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory, mnist_test_small):
-    """A `process` run over two generated pages (with flagged fields)."""
-    root = tmp_path_factory.mktemp("review")
+@pytest.fixture
+def run_folder(tmp_path, mnist_test_small):
+    """A `process` run over two generated pages (with flagged fields), one per test: saves must not leak."""
+    root = tmp_path / "run"
     write_forms(root / "in", 2, seed=11, digits=mnist_test_small, formats=("png",))
     done = subprocess.run([sys.executable, "-m", "hwr_batch", "process", str(root / "in"), "-o", str(root / "out")],
                           capture_output=True, text=True, timeout=300, check=False)
@@ -86,3 +86,44 @@ def test_fields_page_crop_and_save_reach_corrections_csv(server, run_folder):
 
     (learned,) = read_corrections(run_folder / "corrections.csv")
     assert (learned.page, learned.field, learned.digits) == (field["page"], field["field"], "12345")
+
+
+def test_keyboard_review_in_a_real_browser_saves_and_survives_reload(server, run_folder, tmp_path):
+    """Headless Debian Chromium: two typed corrections and one accepted reading, then a reload."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian chromium and chromium-driver (`.ci/run` installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        driver.get(server)
+        wait = WebDriverWait(driver, 30)
+        box = driver.find_element(By.ID, "digits")
+        pos = driver.find_element(By.ID, "pos")
+        wait.until(lambda d: pos.text.startswith("field 1 of"))
+        read_first = driver.execute_script("return current().digits")
+        for number, typed in ((2, "111"), (3, "222")):
+            if number == 2:
+                box.send_keys(Keys.ENTER)  # accept the first reading
+            wait.until(lambda d, n=number: pos.text.startswith(f"field {n} of"))
+            box.send_keys(typed, Keys.ENTER)
+        wait.until(lambda d: pos.text.startswith("field 4 of") or "All fields" in d.page_source)
+        driver.refresh()
+        wait.until(lambda d: d.find_element(By.ID, "pos").text.startswith("field 1 of"))
+        assert "saved: accepted" in driver.find_element(By.ID, "info").text
+    finally:
+        driver.quit()
+    with open(run_folder / "corrections.csv", newline="") as f:
+        saved = sorted((r["digits"], r["status"]) for r in csv.DictReader(f))
+    assert saved == sorted([(read_first, "accepted"), ("111", "corrected"), ("222", "corrected")])
