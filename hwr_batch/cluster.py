@@ -192,9 +192,9 @@ def worker_classifier(model: str, model_sha: str) -> Classifier:
 def read_and_classify(path: Path, settings: ReadSettings, model: str, model_sha: str) -> FileReading:
     """The task of one file, run on a worker: :func:`~hwr_batch.read.read_file`, then the model's scores of
     its candidates (``scores``, the images dropped), as the client would compute them (the same numbers)."""
+    classifier = worker_classifier(model, model_sha)  # first: it also gives OpenCV one thread, for read_file too
     reading = read_file(path, settings)
     if reading.error is None:
-        classifier = worker_classifier(model, model_sha)
         started = time.perf_counter()
         reading.scores = predict_scores(classifier, reading.images)
         reading.seconds["classify"] = time.perf_counter() - started
