@@ -175,6 +175,10 @@ def test_the_dask_scheduler_and_worker_commands_serve_the_cli(scans, local_table
             [DASK, "worker", "--host", "127.0.0.1", "--nworkers", "2", "--nthreads", "1", "--death-timeout", "60", *common],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:  # process starts once one worker is in; the test wants both
+            client.wait_for_workers(2, timeout=60)
         result = cli("process", scans, "--out", tmp_path / "out", "--dask", address)
         assert result.returncode == 1, result.stderr  # 1: the file that is no image
         assert "Dask cluster: 2 workers, 2 threads" in result.stderr
