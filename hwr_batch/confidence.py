@@ -78,8 +78,13 @@ def field_evidence(
         values["widest"] = max(cands.pieces[i].bbox[2] for i in chosen) / height
         if reject_probabilities is not None:
             values["reject_max"] = float(np.asarray(reject_probabilities)[chosen].max())
-        values["dropped"] = sum(cands.pieces[i].bbox[2] for i in reading.rejected) / height
+        values["dropped"] = dropped_width(cands, reading)
     return np.array([values[name] for name in FEATURES], np.float64)
+
+
+def dropped_width(cands: FieldCandidates, reading: Reading) -> float:
+    """Width of the ink a reading steps over as "not a digit", in digit heights."""
+    return sum(cands.pieces[i].bbox[2] for i in reading.rejected) / max(cands.digit_height, 1.0)
 
 
 def hard_flags(
@@ -102,8 +107,7 @@ def hard_flags(
         top = np.asarray(probabilities)[chosen].max(axis=1)
         if (np.asarray(reject_probabilities)[chosen] > top).any():
             reasons.append("rejected_piece")
-    height = max(cands.digit_height, 1.0)
-    if sum(cands.pieces[i].bbox[2] for i in reading.rejected) / height > DROPPED_INK_LIMIT:
+    if dropped_width(cands, reading) > DROPPED_INK_LIMIT:
         reasons.append("dropped_ink")
     if len(cells) >= 2 and comb_count_mismatch(cands, reading, cells):
         reasons.append("count_mismatch")
@@ -260,15 +264,22 @@ def fit_calibration(evidence: np.ndarray, right: np.ndarray, **record) -> Calibr
     )
 
 
-def expected_calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their share of fields."""
+def reliability_bins(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Fields grouped in equal-width confidence bins: each non-empty bin's edges, field count, mean
+    confidence and share read right (a reliability diagram's points)."""
     confidence = np.asarray(confidence, np.float64)
     right = np.asarray(right, np.float64)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(right[inside].mean() - confidence[inside].mean())
-    return float(total)
+    return [
+        {"low": float(edges[b]), "high": float(edges[b + 1]), "fields": int((which == b).sum()),
+         "confidence": float(confidence[which == b].mean()), "right": float(right[which == b].mean())}
+        for b in range(bins) if (which == b).any()
+    ]
+
+
+def expected_calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their share of fields."""
+    points = reliability_bins(confidence, right, bins)
+    total = sum(p["fields"] for p in points)
+    return float(sum(p["fields"] / total * abs(p["right"] - p["confidence"]) for p in points)) if total else 0.0

@@ -45,6 +45,8 @@ from hwr_batch.confidence import (
     calibration_path,
     expected_calibration_error,
     fit_calibration,
+    reliability_bins,
+    review_reasons,
 )
 from hwr_batch.mnist import load_mnist
 from hwr_batch.read import FileReading, ReadSettings, iter_readings, read_page
@@ -167,7 +169,7 @@ def recalibrated(units: list[Unit], calibration: Calibration) -> list[Unit]:
 
 
 def flag_figures(units: list[Unit], target: float) -> dict[str, float]:
-    accepted = np.array([not u.hard and u.confidence >= 1 - target for u in units])
+    accepted = np.array([not review_reasons(u.confidence, 1 - target, list(u.hard)) for u in units])
     right = np.array([u.right for u in units])
     n_acc = int(accepted.sum())
     return {
@@ -191,15 +193,7 @@ def curve(units: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reliability(units: list[Unit], bins: int = 10) -> list[dict[str, float]]:
-    conf = np.array([u.confidence for u in units])
-    right = np.array([u.right for u in units], np.float64)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    return [
-        {"low": float(edges[b]), "high": float(edges[b + 1]), "fields": int((which == b).sum()),
-         "confidence": float(conf[which == b].mean()), "right": float(right[which == b].mean())}
-        for b in range(bins) if (which == b).any()
-    ]
+    return reliability_bins([u.confidence for u in units], [u.right for u in units], bins)
 
 
 def plot(measured: dict[str, dict[str, list[Unit]]], out_dir: Path, stem: str) -> None:
