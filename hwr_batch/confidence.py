@@ -3,8 +3,11 @@
 A field's **confidence** is the probability that its digit string is right. It is computed from what
 the reading's correctness depends on (every digit's probability, the margin to the best reading of
 another string, the "not a digit" score of the pieces read, the widest piece, the ink stepped over)
-by a logistic model fitted on real fields the digit model never saw, and stored beside the model as
-``<model>.calibration.json`` (``scripts/calibrate.py`` fits it; ``hwr-batch learn`` refits it).
+by gradient-boosted trees fitted on real fields the digit model never saw (LightGBM, at fit time),
+constrained to be monotone where the direction is known (surer digits never lower the confidence,
+more ink stepped over never raises it), and stored beside the model as ``<model>.calibration.json``
+with the trees as an ONNX graph, run by ONNX Runtime like the digit model (``scripts/calibrate.py``
+fits it; ``hwr-batch learn`` refits it). Records of the first release (a logistic model) still load.
 
 A field is **accepted** (not flagged for review) when its confidence says the chance that it is wrong
 is under the target error, and no hard rule flags it:
@@ -17,9 +20,11 @@ is under the target error, and no hard rule flags it:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 
@@ -41,6 +46,12 @@ FEATURES = (
     "dropped",  # width stepped over as "not a digit", in digit heights
 )
 _CAP = 20.0  # log-ratios beyond this say nothing more (and keep the features finite)
+# The direction the confidence must move in as each feature grows (+1 up, -1 down, 0 free): the trees may
+# learn any shape, but never that a surer digit or a wider margin makes a field less likely right.
+MONOTONE = {
+    "log_p_sum": 1, "log_p_min": 1, "label_gap_min": 1, "margin": 1,
+    "reject_max": -1, "digits": 0, "widest": 0, "dropped": -1,
+}
 
 # Flag reasons, in the order they are listed.
 REASONS = ("no_digits", "rejected_piece", "dropped_ink", "count_mismatch", "low_confidence")
@@ -164,33 +175,48 @@ class Calibration:
 
     Attributes:
         features: names of the features, as :data:`FEATURES` (a record fitted on others is refused).
-        mean, scale: standardisation of each feature.
-        coef, intercept: the logistic model on the standardised features.
+        trees_onnx: the boosted trees as an ONNX model (base64; input ``evidence`` (n, features)
+            float32, output ``probabilities`` (n, 2)); empty in a logistic record.
+        mean, scale, coef, intercept: a logistic model on the standardised features (records of the
+            first release; used when there are no trees).
         model_sha256: the digit model it was fitted for.
         fitted_on: what it was fitted on (sets and field counts), for the record.
         figures: what it measured (expected calibration error, accept rates), for the record.
     """
 
     features: tuple[str, ...]
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-    coef: tuple[float, ...]
-    intercept: float
+    mean: tuple[float, ...] = ()
+    scale: tuple[float, ...] = ()
+    coef: tuple[float, ...] = ()
+    intercept: float = 0.0
+    trees_onnx: str = ""
     model_sha256: str = ""
     fitted_on: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
 
+    @cached_property
+    def _trees(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # the converter's declared label shape is wrong; only probabilities are read
+        return ort.InferenceSession(base64.b64decode(self.trees_onnx), options, providers=["CPUExecutionProvider"])
+
     def confidence(self, evidence: np.ndarray) -> np.ndarray:
         """P(reading right) for (n, len(features)) evidence (or one field's (len(features),))."""
-        x = (np.asarray(evidence, np.float64) - np.array(self.mean)) / np.array(self.scale)
-        z = x @ np.array(self.coef) + self.intercept
+        x = np.asarray(evidence, np.float64)
+        if self.trees_onnx:
+            (p,) = self._trees.run(["probabilities"], {"evidence": np.atleast_2d(x).astype(np.float32)})
+            return p[:, 1].astype(np.float64) if x.ndim == 2 else float(p[0, 1])
+        z = ((x - np.array(self.mean)) / np.array(self.scale)) @ np.array(self.coef) + self.intercept
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
     def save(self, path: Path) -> None:
         """Write the record as JSON (atomically)."""
         from .atomic import atomic_write
 
-        text = json.dumps(asdict(self), indent=2) + "\n"
+        text = json.dumps(asdict(self), indent=1) + "\n"
         atomic_write(Path(path), lambda f: f.write(text), encoding="utf-8")
 
     @classmethod
@@ -198,12 +224,21 @@ class Calibration:
         """Read a record written by :meth:`save`.
 
         Raises:
-            ValueError: not a calibration record for these features.
+            ValueError: not a calibration record for these features, or its trees do not load.
         """
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         record = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
         if record.features != FEATURES:
             raise ValueError(f"{path}: fitted on features {list(record.features)}, this version uses {list(FEATURES)}")
+        if record.trees_onnx:
+            from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
+            try:
+                record._trees  # noqa: B018 - parse now, so that a broken record is refused at load
+            except (ValueError, Fail, InvalidGraph, InvalidProtobuf) as e:  # base64 errors are ValueErrors
+                raise ValueError(f"{path}: its trees do not load ({e})") from None
+        elif len(record.coef) != len(FEATURES):
+            raise ValueError(f"{path}: neither trees nor a logistic model for {len(FEATURES)} features")
         return record
 
 
@@ -247,21 +282,31 @@ def review_reasons(confidence: float, threshold: float, hard: list[str]) -> list
 
 
 def fit_calibration(evidence: np.ndarray, right: np.ndarray, **record) -> Calibration:
-    """Fit a :class:`Calibration` on fields' evidence and whether each was read right: a logistic model
-    on the standardised evidence.
+    """Fit a :class:`Calibration` on fields' evidence and whether each was read right: LightGBM trees
+    (binary log-loss, monotone as :data:`MONOTONE` says, leaves of at least 20-50 fields), converted
+    to ONNX (onnxmltools). Needs the training extra (lightgbm, onnxmltools).
 
-    ``record`` goes into the result (``model_sha256``, ``fitted_on``, ``figures``).
+    Deterministic: one thread, fixed seed. ``record`` goes into the result (``model_sha256``,
+    ``fitted_on``, ``figures``).
     """
-    from sklearn.linear_model import LogisticRegression
+    import lightgbm
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType
 
     x = np.asarray(evidence, np.float64)
-    mean = x.mean(axis=0)
-    scale = np.where(x.std(axis=0) > 1e-9, x.std(axis=0), 1.0)
-    model = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, np.asarray(right, bool))
-    return Calibration(
-        features=FEATURES, mean=tuple(map(float, mean)), scale=tuple(map(float, scale)),
-        coef=tuple(map(float, model.coef_[0])), intercept=float(model.intercept_[0]), **record,
-    )
+    y = np.asarray(right, bool).astype(np.float64)
+    params = {
+        "objective": "binary", "num_leaves": 15, "learning_rate": 0.05, "lambda_l2": 1.0,
+        "min_child_samples": int(np.clip(len(y) // 100, 20, 50)),
+        "monotone_constraints": [MONOTONE[name] for name in FEATURES],
+        "monotone_constraints_method": "advanced",
+        "num_threads": 1, "deterministic": True, "force_row_wise": True, "seed": 20261203, "verbose": -1,
+    }
+    booster = lightgbm.train(params, lightgbm.Dataset(x, y, feature_name=list(FEATURES)), num_boost_round=300)
+    graph = convert_lightgbm(booster, initial_types=[("evidence", FloatTensorType([None, len(FEATURES)]))],
+                             target_opset=15, zipmap=False)
+    return Calibration(features=FEATURES, trees_onnx=base64.b64encode(graph.SerializeToString()).decode("ascii"),
+                       **record)
 
 
 def reliability_bins(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> list[dict[str, float]]:

@@ -11,7 +11,7 @@ compared with the truth.
 
 Fitted on (``fit`` sets; real fields the model never trained on, plus generated forms):
     danish dev: ``danish_row_numbers_train`` rows 17,000 on (held out of the model's training);
-    forms fit: 120 generated pages of MNIST **test** digits, seed 11.
+    forms fit: 400 generated pages of MNIST **test** digits, seed 11.
 Measured on (``measure`` sets; never fitted or tuned on):
     danish: ``danish_row_numbers`` (digits-only rows), the measuring set;
     orand B: ``orand_car_a`` rows 540 on (the fold the model never saw);
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=Path, help="a second model, fitted and measured the same way")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("HWR_BATCH_REAL_DATA") or REPO.parent / "shared" / "data" / "real"))
     p.add_argument("--mnist", type=Path, default=Path(os.environ.get("HWR_BATCH_MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist"))
-    p.add_argument("--fit-pages", type=int, default=120)
+    p.add_argument("--fit-pages", type=int, default=400)
     p.add_argument("--pages", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--write", action="store_true", help="write the record beside --model")

@@ -11,6 +11,7 @@ import pytest
 
 from hwr_batch.confidence import (
     FEATURES,
+    MONOTONE,
     Calibration,
     calibration_path,
     expected_calibration_error,
@@ -102,7 +103,7 @@ def synthetic_fields(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fields whose chance of being right is a known logistic function of their evidence."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, len(FEATURES)))
-    p = 1 / (1 + np.exp(-(2.0 * x[:, 0] - 1.0 * x[:, 3] + 1.5)))
+    p = 1 / (1 + np.exp(-(2.0 * x[:, 0] + 1.0 * x[:, 3] - 1.0 * x[:, 4] + 1.5)))
     return x, rng.random(n) < p
 
 
@@ -119,6 +120,31 @@ def test_fitted_calibration_is_calibrated_on_new_fields(tmp_path):
     assert again == record and np.allclose(again.confidence(x2), confidence)
 
 
+def test_the_fitted_confidence_is_monotone_where_the_direction_is_known():
+    x, right = synthetic_fields(3000, seed=4)
+    record = fit_calibration(x, right)
+    probe = np.random.default_rng(5).normal(size=(200, len(FEATURES)))
+    for name, direction in MONOTONE.items():
+        if direction:
+            k = FEATURES.index(name)
+            surer = probe.copy()
+            surer[:, k] += 0.5
+            assert (direction * (record.confidence(surer) - record.confidence(probe)) >= -1e-12).all(), name
+
+
+def test_a_logistic_record_of_the_first_release_still_loads(tmp_path):
+    path = tmp_path / "m.calibration.json"
+    n = len(FEATURES)
+    path.write_text(json.dumps({
+        "features": list(FEATURES), "mean": [0.0] * n, "scale": [1.0] * n, "coef": [1.0] + [0.0] * (n - 1),
+        "intercept": 0.0, "model_sha256": "", "fitted_on": {}, "figures": {},
+    }))
+    record = Calibration.load(path)
+    assert not record.trees_onnx
+    assert record.confidence(np.zeros(n)) == pytest.approx(0.5)
+    assert record.confidence(np.eye(n)[:1] * 2) == pytest.approx([1 / (1 + np.exp(-2))])
+
+
 def test_a_record_for_other_features_or_a_broken_one_is_not_used(tmp_path, caplog):
     model = tmp_path / "m.onnx"
     record = fit_calibration(*synthetic_fields(500, seed=3))
@@ -128,6 +154,11 @@ def test_a_record_for_other_features_or_a_broken_one_is_not_used(tmp_path, caplo
     with pytest.raises(ValueError, match="features"):
         Calibration.load(calibration_path(model))
     assert load_calibration(model) is None and "not used" in caplog.text
+    data["features"] = list(FEATURES)
+    data["trees_onnx"] = "bm90IGFuIE9OTlggbW9kZWw="  # base64 of "not an ONNX model"
+    calibration_path(model).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="trees do not load"):
+        Calibration.load(calibration_path(model))
     calibration_path(model).write_text("{not json")
     assert load_calibration(model) is None
     calibration_path(model).unlink()
