@@ -568,15 +568,21 @@ def review(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Only print the URL.")] = False,
     all_fields: Annotated[bool, typer.Option("--all", help="Offer every field, not only the flagged ones.")] = False,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="HWR_BATCH_STATE_DIR", help="Folder of the state database (the corrections are "
+                     "saved there too). Default: OUT/.hwr-batch.", file_okay=False),
+    ] = None,
 ) -> None:
-    """Check flagged fields in the browser; corrections go to OUT/corrections.csv for `hwr-batch learn OUT`.
+    """Check flagged fields in the browser; corrections go to the state database (the next `process` writes
+    them into fields.csv as reviewed_digits/review_status) and to OUT/corrections.csv for `hwr-batch learn OUT`.
 
     Serves a local page on 127.0.0.1 with a random token in its URL (printed here); requests without it
     are refused. Crops are cut from the scans named in fields.csv, so they must still be there. Ctrl+C stops.
     """
     from .review import start_review
 
-    server = start_review(out, port=port, include_all=all_fields)
+    server = start_review(out, port=port, include_all=all_fields, state_dir=state_dir)
     typer.echo(server.url)
     sys.stdout.flush()
     if not no_browser:

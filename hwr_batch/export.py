@@ -24,7 +24,10 @@ DIGIT_COLUMNS = (
 FIELD_COLUMNS = (
     "file", "page", "field", "x", "y", "width", "height",
     "digits", "digit_count", "confidence", "min_confidence", "flagged", "flag_reason",
+    "reviewed_digits", "review_status",  # from `hwr-batch review` (see corrections.py); empty: not reviewed
 )
+# Columns added after tables were first written: a table read back without them gets them empty.
+ADDED_COLUMNS = {"fields": ("reviewed_digits", "review_status")}
 ERROR_COLUMNS = ("file", "page", "stage", "reason")
 # One row per page read, so that a page with no field, a blank page or a dead scan is visible too.
 PAGE_COLUMNS = ("file", "page", "fields", "digit_count", "flagged_fields", "status", "dpi")
@@ -33,7 +36,10 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 # Whole-number columns: kept integer (nullable Int64) whatever a table read back holds, so they never turn float.
 INTEGER_COLUMNS = ("page", "field", "position", "x", "y", "width", "height", "digit_count", "fields", "flagged_fields")
-TEXT_COLUMNS = ("file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason", "status")
+TEXT_COLUMNS = (
+    "file", "digits", "digit", "second_choice", "stage", "reason", "flag_reason", "status", "reviewed_digits",
+    "review_status",
+)
 FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
@@ -199,6 +205,9 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
                 f"{path}: cannot read the results table back ({type(e).__name__}: {e}); restore it from a backup, "
                 "or move it aside: the next run then reads again every file whose rows it held"
             ) from None
+        for column in ADDED_COLUMNS.get(name, ()):
+            if column not in frame.columns:
+                frame[column] = pd.NA
         missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
         if missing:
             raise OutputError(

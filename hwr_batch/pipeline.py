@@ -255,6 +255,7 @@ def _run(
     _log_stale(decisions, options)
     options, tables, decisions = _tables_to_update(options, decisions, report.run_id)
     store = ResultStore(tables, options=options, db=db, model_sha=classifier.sha256, report=report)
+    store.note_content(decisions)
     pruned = _drop_deleted_files(store, db, options)
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")

@@ -5,27 +5,43 @@ the rows of OUT/fields.csv (read by column name); crops are cut from the scans t
 scans must still be where ``process`` read them. A request names a field by its row number in the table,
 never by a path, so nothing outside the run's files can be read.
 
-Each saved review goes at once into OUT/.hwr-batch/review.sqlite and OUT/corrections.csv (rewritten
-atomically), the file ``hwr-batch learn OUT`` reads.
+Each saved review goes at once, in one transaction, into the run's state database (table ``corrections``,
+with the scan's content hash and the field's box: see :mod:`hwr_batch.corrections`) and OUT/corrections.csv
+(rewritten atomically under the database's write lock), the file ``hwr-batch learn OUT`` reads. A ``process``
+run may be going on meanwhile: both write the database in short transactions and wait for each other's lock.
+(An OUT/.hwr-batch/review.sqlite of the first version of this page is not read: it never shipped in a release.)
 """
 
 from __future__ import annotations
 
 import csv
 import secrets
-import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
-from .atomic import atomic_write
-from .errors import DatasetError, HwrError
+from .atomic import parse_display_text
+from .corrections import CORRECTION_COLUMNS, STATUSES, FieldKey, match_corrections, write_corrections_csv
+from .errors import DatasetError, HwrError, InputFileError
+from .state import (
+    STATE_DB_NAME,
+    CorrectionRecord,
+    UnstableFileError,
+    content_hashes,
+    fingerprint,
+    get_record,
+    open_state,
+    path_key,
+    read_corrections,
+    save_corrections,
+    with_sha256,
+)
 
-STATUSES = ("accepted", "corrected", "not_a_field", "unreadable")
-CORRECTION_COLUMNS = ("file", "page", "field", "digits", "status", "reviewed_at")
 CONTEXT_MARGIN = 40  # pixels of page around the field's box in a crop
 MAX_PAGE_SIZE = 200
+PAGES_KEPT = 6  # decoded pages kept in memory (a 300 dpi A4 page in grey is 8.7 MB)
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,11 @@ class ReviewField:
     confidence: str
     flag_reason: str
     flagged: bool
-    digit_confidences: tuple[str, ...] = ()
+    digits_read: tuple[tuple[str, str, int, int, int, int], ...] = ()  # (digit, confidence, x, y, width, height)
+
+    @property
+    def key(self) -> FieldKey:
+        return FieldKey(self.file, self.page, self.field, self.box)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -66,12 +86,16 @@ def load_fields(out: Path, *, include_all: bool = False) -> list[ReviewField]:
     missing = [c for c in needed if rows and c not in rows[0]]
     if missing:
         raise DatasetError(f"{path}: missing the columns {', '.join(missing)}")
-    per_digit: dict[tuple[str, str, str], list[str]] = {}
+    per_digit: dict[tuple[str, str, str], list[tuple[str, str, int, int, int, int]]] = {}
     digits_csv = Path(out) / "digits.csv"
     if digits_csv.exists():
         for row in _read_csv(digits_csv):
+            try:
+                box = tuple(int(float(row[c])) for c in ("x", "y", "width", "height"))
+            except (KeyError, ValueError):
+                continue
             per_digit.setdefault((row.get("file", ""), row.get("page", ""), row.get("field", "")), []).append(
-                row.get("confidence", "")
+                (row.get("digit", ""), row.get("confidence", ""), *box)  # type: ignore[arg-type]
             )
     fields = []
     for index, row in enumerate(rows):
@@ -88,31 +112,39 @@ def load_fields(out: Path, *, include_all: bool = False) -> list[ReviewField]:
             digits=row["digits"].lstrip("'"),
             confidence=row.get("confidence") or row.get("min_confidence", ""),
             flag_reason=row.get("flag_reason", ""), flagged=flagged,
-            digit_confidences=tuple(per_digit.get((row["file"], row["page"], row["field"]), ())),
+            digits_read=tuple(per_digit.get((row["file"], row["page"], row["field"]), ())),
         ))
     return fields
 
 
-class ReviewStore:
-    """Saved reviews: a SQLite table (durable at once) mirrored into OUT/corrections.csv."""
+class FileChangedError(HwrError):
+    """The scan changed since ``process`` read it: its fields may no longer be where the table says."""
 
-    def __init__(self, out: Path) -> None:
+    exit_code = InputFileError.exit_code
+
+
+class ReviewStore:
+    """Saved reviews: rows of the state database's ``corrections`` table, mirrored into OUT/corrections.csv.
+
+    Each request opens the database anew (the server answers from many threads; opening costs well under a
+    millisecond). ``fields`` are all the rows of fields.csv: corrections.csv lists those with a review.
+    """
+
+    def __init__(self, out: Path, fields: list[ReviewField], *, state_dir: Path | None = None) -> None:
         self.out = Path(out)
-        state_dir = self.out / ".hwr-batch"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(state_dir / "review.sqlite", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS reviews (file TEXT, page INTEGER, field INTEGER, digits TEXT,"
-            " status TEXT, reviewed_at TEXT, PRIMARY KEY (file, page, field))"
-        )
+        self.database = Path(state_dir or self.out / ".hwr-batch") / STATE_DB_NAME
+        self.fields = fields
+        self._hashed: dict[bytes, str] = {}  # content hashes taken here, of files the database has no record of
+        with open_state(self.database):  # create or upgrade it now, not on the first save
+            pass
 
     def save(self, field: ReviewField, digits: str, status: str) -> dict[str, str]:
-        """Record one review and rewrite corrections.csv; returns the saved row.
+        """Record one review and rewrite corrections.csv; returns the saved row (corrections.csv's columns).
 
         Raises:
             ValueError: an unknown status, or digits that are not digits for accepted/corrected.
+            FileChangedError: the scan's content is no longer what ``process`` read.
+            StateDbError: the database cannot be written.
         """
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
@@ -122,33 +154,47 @@ class ReviewStore:
         if status not in ("accepted", "corrected"):
             digits = ""
         reviewed_at = datetime.now(UTC).isoformat(timespec="seconds")
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?, ?)",
-                (field.file, field.page, field.field, digits, status, reviewed_at),
-            )
-            self._write_csv()
+        path = Path(parse_display_text(field.file))
+        with open_state(self.database) as db:
+            record = CorrectionRecord(path, self._content_sha(db, path), field.page, field.field, field.box,
+                                      field.digits, digits, status, reviewed_at)
+            save_corrections(db, [record], then=lambda every: self._mirror(db, every))
         return dict(zip(CORRECTION_COLUMNS, (field.file, str(field.page), str(field.field), digits, status,
                                              reviewed_at), strict=True))
 
-    def reviews(self) -> dict[tuple[str, int, int], dict[str, str]]:
-        """Every saved review, by (file, page, field)."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM reviews ORDER BY file, page, field").fetchall()
-        return {(r[0], r[1], r[2]): dict(zip(CORRECTION_COLUMNS, map(str, r), strict=True)) for r in rows}
+    def _content_sha(self, db, path: Path) -> str:
+        """The hash of the content ``process`` read: the recorded one while size and mtime are unchanged."""
+        record = get_record(db, path)
+        try:
+            now = fingerprint(path)
+            if record is not None and record.sha256 and (record.size, record.mtime_ns) == (now.size, now.mtime_ns):
+                return record.sha256
+            sha = with_sha256(path, now).sha256
+        except (OSError, UnstableFileError) as e:
+            raise FileChangedError(f"{path}: cannot read the scan ({e})") from None
+        if record is not None and record.sha256 != sha:
+            raise FileChangedError(f"{path}: changed since `process` read it; run process again to review it")
+        self._hashed[path_key(path)] = sha  # type: ignore[assignment]
+        return sha  # type: ignore[return-value]
 
-    def _write_csv(self) -> None:
-        rows = self._db.execute("SELECT * FROM reviews ORDER BY file, page, field").fetchall()
+    def _mirror(self, db, corrections: list[CorrectionRecord]) -> None:
+        keys = [f.key for f in self.fields]
+        write_corrections_csv(self.out, keys, match_corrections(keys, corrections, self._content(db)))
 
-        def write(f) -> None:
-            writer = csv.writer(f)
-            writer.writerow(CORRECTION_COLUMNS)
-            writer.writerows(rows)
+    def _content(self, db) -> dict[bytes, str | None]:
+        return {**self._hashed, **content_hashes(db)}
 
-        atomic_write(self.out / "corrections.csv", write, newline="", encoding="utf-8")
+    def reviews(self, fields: list[ReviewField]) -> list[CorrectionRecord | None]:
+        """The saved review of each of ``fields`` (None: none)."""
+        with open_state(self.database) as db:
+            corrections = read_corrections(db)
+            return match_corrections([f.key for f in fields], corrections, self._content(db)) if corrections else [
+                None] * len(fields)
 
-    def close(self) -> None:
-        self._db.close()
+
+def crop_origin(field: ReviewField, *, margin: int = CONTEXT_MARGIN) -> tuple[int, int]:
+    """Where the crop of ``field`` starts on its page: (x, y) in pixels."""
+    return max(0, field.box[0] - margin), max(0, field.box[1] - margin)
 
 
 def render_crop(field: ReviewField, *, margin: int = CONTEXT_MARGIN) -> bytes:
@@ -160,28 +206,50 @@ def render_crop(field: ReviewField, *, margin: int = CONTEXT_MARGIN) -> bytes:
     """
     import cv2
 
-    from .atomic import parse_display_text
+    path = Path(parse_display_text(field.file))
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise InputFileError(f"{field.file}: cannot read the scan ({e.strerror or e})") from None
+    gray = _page_image(path, field.page, stat.st_size, stat.st_mtime_ns)
+    x, y, w, h = field.box
+    height, width = gray.shape[:2]
+    left, top = crop_origin(field, margin=margin)
+    ok, png = cv2.imencode(".png", gray[top:min(height, y + h + margin), left:min(width, x + w + margin)])
+    if not ok:
+        raise LookupError(f"{field.file}: cannot encode the crop")
+    return png.tobytes()
+
+
+def _warm(field: ReviewField) -> None:
+    try:
+        render_crop(field)
+    except (LookupError, HwrError):
+        pass  # the page's request reports it
+
+
+@lru_cache(maxsize=PAGES_KEPT)
+def _page_image(path: Path, page: int, size: int, mtime_ns: int):
+    """Page ``page`` (from 1) of a scan, decoded; kept for the next fields on it (decoding a 300 dpi page takes
+    150-450 ms here, a crop of it 1 ms). Size and mtime are in the key, so a changed scan is decoded anew."""
     from .load import iter_pages
 
-    for page in iter_pages(Path(parse_display_text(field.file))):
-        if page.index + 1 == field.page:
-            x, y, w, h = field.box
-            height, width = page.gray.shape[:2]
-            crop = page.gray[max(0, y - margin):min(height, y + h + margin), max(0, x - margin):min(width, x + w + margin)]
-            ok, png = cv2.imencode(".png", crop)
-            if not ok:
-                raise LookupError(f"{field.file}: cannot encode the crop")
-            return png.tobytes()
-    raise LookupError(f"{field.file}: has no page {field.page}")
+    for decoded in iter_pages(path):
+        if decoded.index + 1 == page:
+            return decoded.gray
+    raise LookupError(f"{path}: has no page {page}")
 
 
-def create_app(out: Path, *, token: str, include_all: bool = False):
+def create_app(out: Path, *, token: str, include_all: bool = False, state_dir: Path | None = None):
     """The Flask app serving the review page and its JSON API for the run folder ``out``."""
     from flask import Flask, abort, jsonify, request
 
-    fields = load_fields(out, include_all=include_all)
+    every_field = load_fields(out, include_all=True)
+    fields = [f for f in every_field if f.flagged or include_all]
     by_index = {f.index: f for f in fields}
-    store = ReviewStore(out)
+    store = ReviewStore(out, every_field, state_dir=state_dir)
+    if fields:  # decode the first field's page while the browser opens
+        threading.Thread(target=_warm, args=(fields[0],), name="hwr-batch-review-warm", daemon=True).start()
     app = Flask(__name__, static_folder=None)
     static = Path(__file__).resolve().parent / "review_static"
 
@@ -206,15 +274,19 @@ def create_app(out: Path, *, token: str, include_all: bool = False):
         limit = min(MAX_PAGE_SIZE, max(1, request.args.get("limit", 50, type=int)))
         file_filter, reason_filter = request.args.get("file", ""), request.args.get("reason", "")
         chosen = [f for f in fields if file_filter in f.file and reason_filter in f.flag_reason]
-        saved = store.reviews()
+        shown = chosen[offset:offset + limit]
         items = []
-        for f in chosen[offset:offset + limit]:
-            review = saved.get((f.file, f.page, f.field), {})
+        for f, review in zip(shown, store.reviews(shown), strict=True):
+            left, top = crop_origin(f)
             items.append({
-                "index": f.index, "file": f.file, "page": f.page, "field": f.field, "digits": f.digits,
-                "confidence": f.confidence, "digit_confidences": list(f.digit_confidences),
-                "flag_reason": f.flag_reason, "flagged": f.flagged,
-                "review_status": review.get("status", ""), "reviewed_digits": review.get("digits", ""),
+                "index": f.index, "file": f.file, "page": f.page, "field": f.field, "box": list(f.box), "digits": f.digits,
+                "confidence": f.confidence, "flag_reason": f.flag_reason, "flagged": f.flagged,
+                # each digit read, with its box in the crop's pixels (drawn under the box by the page)
+                "digits_read": [
+                    {"digit": d, "confidence": c, "x": x - left, "y": y - top, "width": w, "height": h}
+                    for d, c, x, y, w, h in f.digits_read
+                ],
+                "review_status": review.status if review else "", "reviewed_digits": review.digits if review else "",
             })
         return jsonify({"total": len(chosen), "offset": offset, "fields": items})
 
@@ -239,6 +311,10 @@ def create_app(out: Path, *, token: str, include_all: bool = False):
             row = store.save(field, str(body.get("digits", "")), str(body.get("status", "")))
         except ValueError as e:
             return jsonify({"error": str(e)}), 400
+        except FileChangedError as e:
+            return jsonify({"error": str(e)}), 409
+        except HwrError as e:  # the state database cannot be written (full disk, locked too long)
+            return jsonify({"error": str(e)}), 503
         return jsonify(row)
 
     app.extensions["hwr_batch_review_store"] = store
@@ -264,7 +340,9 @@ class ReviewServer:
         self._thread.join()
 
 
-def start_review(out: Path, *, port: int = 0, include_all: bool = False) -> ReviewServer:
+def start_review(
+    out: Path, *, port: int = 0, include_all: bool = False, state_dir: Path | None = None
+) -> ReviewServer:
     """Serve the review page for ``out`` on 127.0.0.1 in a background thread.
 
     Raises:
@@ -276,7 +354,7 @@ def start_review(out: Path, *, port: int = 0, include_all: bool = False) -> Revi
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # its request lines would log the token
     token = secrets.token_urlsafe(24)
-    app = create_app(out, token=token, include_all=include_all)
+    app = create_app(out, token=token, include_all=include_all, state_dir=state_dir)
     server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="hwr-batch-review", daemon=True)
     thread.start()

@@ -1,6 +1,6 @@
 """The state database: which input files were processed, with which model, and how it went.
 
-One SQLite file (stdlib :mod:`sqlite3`, WAL journal) with two tables:
+One SQLite file (stdlib :mod:`sqlite3`, WAL journal) with three tables:
 
 ``files``
     One row per input file, keyed by its absolute path. Records the file's size, mtime and
@@ -11,6 +11,13 @@ One SQLite file (stdlib :mod:`sqlite3`, WAL journal) with two tables:
 ``runs``
     One row per ``hwr-batch process`` run: start/finish time, model, counts, exit status.
     A run with no ``finished`` time crashed or was killed.
+``corrections``
+    One row per field a person reviewed (``hwr-batch review``), keyed by the file, the SHA-256 of
+    its content when reviewed, the page and the field's box: what was read, the true digits and the
+    status. A correction applies while the file's content is unchanged; one of a file whose content
+    changed is kept (a later change back revives it) but no longer shown (see
+    :mod:`hwr_batch.corrections`). The review server writes here while a run may be going on: each
+    save is one short ``BEGIN IMMEDIATE`` transaction, waiting up to ``BUSY_TIMEOUT_MS``.
 
 Re-runs are cheap: :func:`plan` stats every candidate and hashes only files whose size or
 mtime differ from the record (or that have no record), so an unchanged folder costs one
@@ -41,7 +48,7 @@ import socket
 import sqlite3
 import stat
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -52,7 +59,7 @@ from .errors import StateDbError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump and add a migration (_MIGRATIONS) when the schema changes
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump and add a migration (_MIGRATIONS) when the schema changes
 APPLICATION_ID = 0x48575242  # PRAGMA application_id: "HWRB", marks the file as ours
 STATE_DB_NAME = "state.sqlite3"  # the database's name in the state folder (OUT/.hwr-batch by default)
 BUSY_TIMEOUT_MS = 30_000  # wait this long for another connection's write or checkpoint
@@ -97,9 +104,28 @@ CREATE TABLE files (
 );
 CREATE INDEX files_status_model ON files (status, model_sha);
 CREATE INDEX files_run ON files (run_id);
+{{corrections}};
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+
+_CORRECTIONS_TABLE = """CREATE TABLE corrections (
+    path_key    BLOB NOT NULL,              -- os.fsencode(absolute path), as in files
+    path        TEXT NOT NULL,
+    sha256      TEXT NOT NULL,              -- of the file's content when the field was reviewed
+    page        INTEGER NOT NULL,
+    field       INTEGER NOT NULL,           -- its number in fields.csv when reviewed (it may shift, the box does not)
+    x           INTEGER NOT NULL,
+    y           INTEGER NOT NULL,
+    width       INTEGER NOT NULL,
+    height      INTEGER NOT NULL,
+    read_digits TEXT,                       -- what process read
+    digits      TEXT NOT NULL,              -- the true digits ('' for not_a_field / unreadable)
+    status      TEXT NOT NULL CHECK (status IN ('accepted', 'corrected', 'not_a_field', 'unreadable')),
+    reviewed_at TEXT NOT NULL,              -- ISO 8601 UTC
+    PRIMARY KEY (path_key, sha256, page, x, y, width, height)
+)"""
+_SCHEMA = _SCHEMA.replace("{corrections}", _CORRECTIONS_TABLE)
 
 _FILE_COLUMNS = (
     "path_key, size, mtime_ns, sha256, pages, digits, model_sha, status, error, error_stage,"
@@ -113,6 +139,7 @@ _RUN_COLUMNS = (
 # Schema upgrades, applied in order to an older database: {version it upgrades to: statements}.
 _MIGRATIONS = {
     2: ("ALTER TABLE files ADD COLUMN settings_sha TEXT", "ALTER TABLE runs ADD COLUMN settings_sha TEXT"),
+    3: (_CORRECTIONS_TABLE,),
 }
 
 
@@ -857,3 +884,86 @@ def finish_run(
     record = get_run(db, run_id)
     assert record is not None
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrections (written by the review server)
+
+
+@dataclass(frozen=True)
+class CorrectionRecord:
+    """One row of the ``corrections`` table: a field a person reviewed.
+
+    Attributes:
+        path: absolute path of the scan.
+        sha256: of the scan's content when reviewed; the correction applies while it is unchanged.
+        page: 1-based page; field: its number in ``fields.csv`` when reviewed.
+        box: (x, y, width, height) of the field on the page, in pixels: what identifies it across readings.
+        read_digits: what ``process`` read; digits: the true digits ('' for not_a_field / unreadable).
+        status: ``'accepted'``, ``'corrected'``, ``'not_a_field'`` or ``'unreadable'``.
+        reviewed_at: ISO 8601 UTC.
+    """
+
+    path: Path
+    sha256: str
+    page: int
+    field: int
+    box: tuple[int, int, int, int]
+    read_digits: str | None
+    digits: str
+    status: str
+    reviewed_at: str
+
+
+_CORRECTION_COLUMNS = "path_key, path, sha256, page, field, x, y, width, height, read_digits, digits, status, reviewed_at"
+
+
+def path_key(path: Path | str) -> bytes:
+    """The key a file's rows have in the database: its absolute path's raw bytes."""
+    return _key(_abs(path))
+
+
+def save_corrections(
+    db: StateDB,
+    records: Iterable[CorrectionRecord] = (),
+    *,
+    then: Callable[[list[CorrectionRecord]], None] | None = None,
+) -> list[CorrectionRecord]:
+    """Insert (or replace: same file content, page and box) ``records``, and call ``then`` with every
+    correction inside the same write transaction: a file mirroring the table (``corrections.csv``) written
+    there can never be overtaken by another writer's older view. Returns every correction.
+
+    Raises:
+        StateDbError: if the database cannot be written (or stays locked for BUSY_TIMEOUT_MS).
+    """
+    rows = [
+        (path_key(r.path), _text(str(_abs(r.path))), r.sha256, r.page, r.field, *r.box, r.read_digits, r.digits,
+         r.status, r.reviewed_at)
+        for r in records
+    ]
+    with _transaction(db) as conn:
+        conn.executemany(f"INSERT OR REPLACE INTO corrections ({_CORRECTION_COLUMNS}) VALUES ({','.join('?' * 13)})", rows)
+        everything = _corrections(conn)
+        if then is not None:
+            then(everything)
+    return everything
+
+
+def read_corrections(db: StateDB) -> list[CorrectionRecord]:
+    """Every correction, by file, page and field."""
+    with _errors(db):
+        return _corrections(db.conn)
+
+
+def _corrections(conn: sqlite3.Connection) -> list[CorrectionRecord]:
+    rows = conn.execute(f"SELECT {_CORRECTION_COLUMNS} FROM corrections ORDER BY path, page, field, reviewed_at")
+    return [
+        CorrectionRecord(Path(os.fsdecode(bytes(key))), sha, page, field, (x, y, w, h), read, digits, status, at)
+        for key, _path, sha, page, field, x, y, w, h, read, digits, status, at in rows
+    ]
+
+
+def content_hashes(db: StateDB) -> dict[bytes, str | None]:
+    """The recorded SHA-256 of every file's content, by :func:`path_key`."""
+    with _errors(db):
+        return {bytes(key): sha for key, sha in db.conn.execute("SELECT path_key, sha256 FROM files")}

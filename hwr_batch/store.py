@@ -20,9 +20,21 @@ import pandas as pd
 
 from .atomic import display_path
 from .config import Options
+from .corrections import field_keys, match_corrections, with_reviews, write_corrections_csv
 from .export import CUT_SHORT_AT, neutralise_cell, to_frame, write_tables
 from .read import FileReading
-from .state import Decision, StateDB, UnstableFileError, mark_done, mark_failed, with_sha256
+from .state import (
+    Decision,
+    StateDB,
+    UnstableFileError,
+    content_hashes,
+    mark_done,
+    mark_failed,
+    path_key,
+    read_corrections,
+    save_corrections,
+    with_sha256,
+)
 
 if TYPE_CHECKING:
     from .pipeline import BatchReport
@@ -55,6 +67,12 @@ class ResultStore:
         self.model_sha = model_sha
         self.report = report  # counts of files done and failed, time spent writing, outputs written
         self.unwritten = _Unwritten()
+        self.content_sha: dict[bytes, str | None] = {}  # this run's view of its files' content (note_content)
+
+    def note_content(self, decisions: list[Decision]) -> None:
+        """Note the content hash of each planned file: a review applies to a row only while it matches
+        (the state database learns of a changed file only once its new rows are written)."""
+        self.content_sha = {path_key(d.path): d.fingerprint.sha256 for d in decisions if d.fingerprint is not None}
 
     def replace_rows(
         self,
@@ -120,8 +138,18 @@ class ResultStore:
                 report.digits += digits
 
     def write(self) -> list[Path]:
-        """Write the tables as they are (sorted), atomically; the files written."""
-        return _write(self.tables, self.options)
+        """Write the tables as they are (sorted), atomically, the fields with the reviews that apply to them
+        (and, if there are reviews, corrections.csv); the files written."""
+        corrections = read_corrections(self.db)
+        content = {**content_hashes(self.db), **self.content_sha} if corrections else {}
+        tables = {**self.tables, "fields": with_reviews(self.tables["fields"], corrections, content)}
+        written = _write(tables, self.options)
+        if corrections:  # under the database's write lock, so a review saved meanwhile is not lost from it
+            keys = field_keys(self.tables["fields"])
+            save_corrections(self.db, then=lambda every: written.append(
+                write_corrections_csv(self.options.out_dir, keys, match_corrections(keys, every, content))
+            ))
+        return written
 
 
 @dataclass

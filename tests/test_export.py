@@ -128,12 +128,27 @@ def test_xlsx_sheets_have_a_frozen_header_a_filter_text_digits_and_flagged_rows_
     workbook = openpyxl.load_workbook(tmp_path / "results.xlsx")
     sheet = workbook["fields"]
     assert sheet.freeze_panes == "A2"
-    assert sheet.auto_filter.ref == "A1:M4"
+    last = openpyxl.utils.get_column_letter(len(export.FIELD_COLUMNS))
+    assert sheet.auto_filter.ref == f"A1:{last}4"
     digits_column = export.FIELD_COLUMNS.index("digits") + 1
     assert [sheet.cell(row, digits_column).value for row in (2, 3, 4)] == ["007", "0421", "12"]  # text: zeros kept
     assert all(sheet.cell(row, digits_column).data_type == "s" for row in (2, 3, 4))
     (rule_range,) = [str(r.sqref) for r in sheet.conditional_formatting]
     (rule,) = sheet.conditional_formatting[rule_range]
-    assert rule_range == "A2:M4" and rule.formula == ["$L2=TRUE"] and rule.dxf.fill.fgColor.rgb.endswith("FFF2CC")
+    assert rule_range == f"A2:{last}4" and rule.formula == ["$L2=TRUE"] and rule.dxf.fill.fgColor.rgb.endswith("FFF2CC")
     assert sheet.cell(3, export.FIELD_COLUMNS.index("flagged") + 1).value is True  # the row the rule marks
     assert workbook["errors"].freeze_panes == "A2" and not list(workbook["errors"].conditional_formatting)
+
+
+def test_a_fields_table_written_before_the_review_columns_reads_back_with_them_empty(tmp_path):
+    fields = [{"file": "/s/a.png", "page": 1, "field": 1, "x": 0, "y": 0, "width": 9, "height": 9, "digits": "007",
+               "digit_count": 3, "confidence": 0.9, "min_confidence": 0.5, "flagged": True, "flag_reason": "x"}]
+    old = to_frame("fields", fields).drop(columns=["reviewed_digits", "review_status"])
+    old.to_csv(tmp_path / "fields.csv", index=False)
+    back = read_tables(tmp_path)["fields"]
+    assert list(back.columns) == list(export.FIELD_COLUMNS)
+    assert back["reviewed_digits"].isna().all() and back["digits"].tolist() == ["007"]
+    reviewed = to_frame("fields", [{**fields[0], "reviewed_digits": "008", "review_status": "corrected"}])
+    write_tables({"fields": reviewed}, tmp_path)
+    back = read_tables(tmp_path)["fields"]  # the review's digits stay text: "008", not 8
+    assert (back["reviewed_digits"].tolist(), back["review_status"].tolist()) == (["008"], ["corrected"])

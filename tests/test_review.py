@@ -9,6 +9,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +28,10 @@ def run_folder(tmp_path, mnist_test_small):
     return root / "out"
 
 
-@pytest.fixture
-def server(run_folder):
+@contextmanager
+def review_server(run_folder, *args: str):
     """The review server as a subprocess; yields its URL (with token); always terminated."""
-    proc = subprocess.Popen([sys.executable, "-m", "hwr_batch", "review", str(run_folder), "--no-browser"],
+    proc = subprocess.Popen([sys.executable, "-m", "hwr_batch", "review", str(run_folder), "--no-browser", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         url = proc.stdout.readline().strip()
@@ -38,6 +40,44 @@ def server(run_folder):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def server(run_folder):
+    with review_server(run_folder) as url:
+        yield url
+
+
+def process(run_folder) -> None:
+    done = subprocess.run([sys.executable, "-m", "hwr_batch", "process", str(run_folder.parent / "in"), "-o",
+                           str(run_folder)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def list_fields(url: str) -> list[dict]:
+    base, token = url.split("/?token=")
+    status, body = fetch(f"{base}/api/fields?offset=0&limit=200&token={token}")
+    assert status == 200
+    return json.loads(body)["fields"]
+
+
+def save(url: str, field: dict, digits: str, status: str) -> int:
+    base, token = url.split("/?token=")
+    return fetch(f"{base}/api/review?token={token}", {"index": field["index"], "digits": digits, "status": status})[0]
+
+
+def truth_digits(field: dict) -> str | None:
+    """The true digits of a field of a generated page (None: it is no field of the page's truth)."""
+    from hwr_batch.synth import box_iou
+
+    truth = json.loads(Path(field["file"]).with_suffix(".json").read_text())["fields"]
+    iou, text = max(((box_iou(t["bbox"], field["box"]), t["text"]) for t in truth), default=(0.0, None))
+    return text if iou >= 0.5 else None
 
 
 def fetch(url: str, data: dict | None = None) -> tuple[int, bytes]:
@@ -112,7 +152,20 @@ def test_keyboard_review_in_a_real_browser_saves_and_survives_reload(server, run
         box = driver.find_element(By.ID, "digits")
         pos = driver.find_element(By.ID, "pos")
         wait.until(lambda d: pos.text.startswith("field 1 of"))
+        view = driver.find_element(By.ID, "view")
+        wait.until(lambda d: view.get_attribute("data-shown"))
         read_first = driver.execute_script("return current().digits")
+        # Each digit read is drawn under its box, with its confidence: as many marks as digits, in order,
+        # each starting where its digit's box starts on the crop.
+        read = driver.execute_script("return current().digits_read")
+        marks = driver.find_elements(By.CSS_SELECTOR, "#marks .read")
+        assert [m.text.split() for m in marks] == [[d["digit"], f"{float(d['confidence']):.2f}"] for d in read]
+        assert "".join(d["digit"] for d in read) == read_first
+        crop = driver.find_element(By.ID, "crop")
+        scale = driver.execute_script("return arguments[0].clientWidth / arguments[0].naturalWidth", crop)
+        for mark, digit in zip(marks, read, strict=True):
+            assert abs(mark.rect["x"] - crop.rect["x"] - digit["x"] * scale) < 2
+            assert mark.rect["y"] > crop.rect["y"] + crop.rect["height"] - 1  # under the crop, not over the page
         for number, typed in ((2, "111"), (3, "222")):
             if number == 2:
                 box.send_keys(Keys.ENTER)  # accept the first reading
@@ -127,3 +180,57 @@ def test_keyboard_review_in_a_real_browser_saves_and_survives_reload(server, run
     with open(run_folder / "corrections.csv", newline="") as f:
         saved = sorted((r["digits"], r["status"]) for r in csv.DictReader(f))
     assert saved == sorted([(read_first, "accepted"), ("111", "corrected"), ("222", "corrected")])
+
+
+def test_a_rerun_shows_reviews_in_the_tables_until_the_scan_changes(run_folder):
+    """Two reviews saved through the server (while it runs, process reruns); a changed scan drops its review."""
+    from hwr_batch.state import open_state, read_corrections
+
+    with review_server(run_folder, "--all") as url:
+        fields = list_fields(url)
+        first = next(f for f in fields if f["file"].endswith("page_0001.png"))
+        second = next(f for f in fields if f["file"].endswith("page_0002.png"))
+        assert save(url, first, "12345", "corrected") == 200
+        assert save(url, second, "", "unreadable") == 200
+        saved = {(f["index"], f["review_status"], f["reviewed_digits"]) for f in list_fields(url)} - {
+            (f["index"], "", "") for f in fields}
+        assert saved == {(first["index"], "corrected", "12345"), (second["index"], "unreadable", "")}  # no rerun
+        process(run_folder)  # nothing changed: the tables are written again, with the reviews
+        rows = read_csv(run_folder / "fields.csv")
+        reviewed = {(r["file"], r["page"], r["field"], r["reviewed_digits"], r["review_status"]) for r in rows
+                    if r["review_status"]}
+        assert reviewed == {
+            (first["file"], str(first["page"]), str(first["field"]), "12345", "corrected"),
+            (second["file"], str(second["page"]), str(second["field"]), "", "unreadable"),
+        }
+
+        import cv2
+
+        scan = Path(first["file"])
+        image = cv2.imread(str(scan), cv2.IMREAD_GRAYSCALE)
+        image[0, 0] = 255 - image[0, 0]  # other content, the same fields
+        cv2.imwrite(str(scan), image)
+        other = next(f for f in fields if f["file"] == first["file"] and f["index"] != first["index"])
+        assert save(url, other, "1", "corrected") == 409  # the scan is no longer what the table was read from
+    process(run_folder)
+    rows = read_csv(run_folder / "fields.csv")
+    assert {(r["file"], r["review_status"]) for r in rows if r["review_status"]} == {(second["file"], "unreadable")}
+    assert any(r["file"] == first["file"] and r["field"] == str(first["field"]) for r in rows)  # read again
+    assert [(r["file"], r["status"]) for r in read_csv(run_folder / "corrections.csv")] == [(second["file"], "unreadable")]
+    with open_state(run_folder / ".hwr-batch" / "state.sqlite3") as db:  # kept, not shown
+        assert sorted(c.status for c in read_corrections(db)) == ["corrected", "unreadable"]
+
+
+def test_learn_reads_the_corrections_the_review_server_wrote(server, run_folder, cli, tmp_path):
+    pytest.importorskip("tensorflow")
+    reviewed = 0
+    for field in list_fields(server):
+        truth = truth_digits(field)
+        if truth is not None:
+            assert save(server, field, truth, "accepted" if truth == field["digits"] else "corrected") == 200
+            reviewed += 1
+    assert reviewed >= 3
+    result = cli("learn", run_folder, "--out", tmp_path / "model", "--epochs", "1", "--holdout", "0.3")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "model" / "learn.json").read_text())
+    assert record["corrections_rows"] == reviewed == record["fields_read"]

@@ -13,6 +13,7 @@ import pytest
 from hwr_batch.errors import ExitCode, StateDbError
 from hwr_batch.state import (
     SCHEMA_VERSION,
+    CorrectionRecord,
     begin_run,
     failed_files,
     fingerprint,
@@ -24,6 +25,8 @@ from hwr_batch.state import (
     mark_failed,
     open_state,
     plan,
+    read_corrections,
+    save_corrections,
     stale_files,
     summary,
 )
@@ -250,7 +253,8 @@ def test_a_schema_1_database_is_upgraded_in_place(tmp_path):
     )
     conn.close()
     with open_state(path) as db:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert read_corrections(db) == []  # schema 3's table, empty
         record = get_record(db, Path("/scans/a.png"))
         assert (record.status, record.digits, record.settings_sha) == ("done", 3, None)
         assert summary(db, model_sha="m", settings_sha=SETTINGS_A).stale == 0
@@ -461,3 +465,75 @@ def test_mark_done_needs_the_hash_from_plan(db, tmp_path):
     a = write(tmp_path / "a.pdf", "a")
     with pytest.raises(ValueError, match="sha256"):
         mark_done(db, a, fingerprint(a), model_sha=MODEL_A, pages=1, digits=1, run_id=None)
+
+
+def correction(path: Path, sha: str = "s" * 64, *, field: int = 2, box=(10, 20, 300, 60), digits: str = "0421",
+               status: str = "corrected", at: str = "2026-12-03T12:00:00+00:00") -> CorrectionRecord:
+    return CorrectionRecord(path, sha, 1, field, box, "0427", digits, status, at)
+
+
+def test_a_schema_2_database_gains_the_corrections_table_and_keeps_its_records(tmp_path):
+    path = tmp_path / "state.sqlite"
+    with open_state(path) as db:  # today's schema less its corrections table is exactly schema 2
+        mark_done(db, write(tmp_path / "a.png", "a"), fingerprint(tmp_path / "a.png").__class__(1, 2, "h"),
+                  model_sha=MODEL_A, pages=1, digits=3, run_id=None, settings_sha="x")
+        db.conn.execute("DROP TABLE corrections")
+        db.conn.execute("PRAGMA user_version = 2")
+    with open_state(path) as db:
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert get_record(db, tmp_path / "a.png").settings_sha == "x"
+        saved = save_corrections(db, [correction(tmp_path / "a.png")])
+        assert saved == read_corrections(db) == [correction(tmp_path / "a.png")]
+
+
+def test_a_correction_is_replaced_per_content_and_box_and_kept_for_other_content(db, tmp_path):
+    scan = tmp_path / "scan.png"
+    save_corrections(db, [correction(scan, digits="1")])
+    save_corrections(db, [correction(scan, digits="2", at="2026-12-03T12:01:00+00:00")])  # same field again
+    save_corrections(db, [correction(scan, "t" * 64, digits="3")])  # the file changed: a field of other content
+    save_corrections(db, [correction(scan, box=(10, 200, 300, 60), field=3, status="unreadable", digits="")])
+    saved = read_corrections(db)
+    assert sorted((c.sha256[0], c.field, c.digits, c.status) for c in saved) == [
+        ("s", 2, "2", "corrected"), ("s", 3, "", "unreadable"), ("t", 2, "3", "corrected")]
+    with pytest.raises(StateDbError):  # the table refuses a status it does not know
+        save_corrections(db, [correction(scan, status="maybe")])
+    assert len(read_corrections(db)) == 3
+
+
+WRITER = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN IMMEDIATE")  # what a running `process` does for each mark
+print("locked", flush=True)
+sys.stdin.readline()
+c.execute("COMMIT")
+"""
+
+
+def test_a_review_saved_while_process_holds_the_write_lock_waits_for_it_and_is_kept(db, tmp_path):
+    """The review server and a run share the database: a save waits out the run's short transaction."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db.path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        import threading
+
+        saved: list = []
+
+        def save() -> None:  # as the review server does: its own connection
+            with open_state(db.path) as own:
+                saved.append(save_corrections(own, [correction(tmp_path / "a.png")]))
+
+        saver = threading.Thread(target=save)
+        saver.start()
+        saver.join(0.5)
+        assert saver.is_alive() and not saved  # waiting for the lock, not failing
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        saver.join(30)
+        assert len(saved) == 1 and len(saved[0]) == 1
+        assert writer.wait(timeout=10) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
