@@ -376,7 +376,7 @@ def load_templates(paths: list[Path]) -> list[Template]:
     for path, t in zip(paths, templates):
         if len(t.name) > 25 or re.search(r"[\\/:*?\[\]\x00-\x1f]", t.name) or not t.name.strip():
             raise ValueError(f"{path}: the template's name {t.name!r} cannot name a table: use at most 25 characters, "
-                             "none of / \\ : * ? [ ]")
+                             "and no slashes, colons, *, ?, [ or ]")
         if t.name in seen:
             raise ValueError(f"{path}: the template's name {t.name!r} is also that of {seen[t.name]}: rename one")
         seen[t.name] = path
