@@ -139,7 +139,8 @@ class ReadSettings:
 
     @classmethod
     def of(cls, options: Options, templates: tuple[Template, ...] = ()) -> ReadSettings:
-        """The settings of ``options``, with its ``templates`` loaded (:func:`hwr_batch.template.load_templates`)."""
+        """The settings of ``options``; ``templates``: those ``options.templates`` names, loaded
+        (:func:`hwr_batch.template.load_templates`)."""
         names = [f.name for f in dataclass_fields(cls) if f.name != "templates"]
         return cls(**{name: getattr(options, name) for name in names}, templates=tuple(templates))
 
@@ -170,10 +171,11 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
                 dpi, why = choose_dpi(page.dpi, page.gray.shape)
                 if why:
                     reading.notes.append(f"page {page.index + 1}: {why} (--dpi sets it)")
-            reading.pages.append(_read_page(page.gray, page.index, dpi, settings, images, seconds))
-            if settings.templates:
+            page_reading = _read_page(page.gray, page.index, dpi, settings, images, seconds)
+            if settings.templates:  # before the page counts as read: a failure here is on this page
                 forms.matched.append((page.index + 1, _read_form_page(page.gray, page.index, dpi, settings.templates,
                                                                       forms.reading.pages, form_images, seconds)))
+            reading.pages.append(page_reading)
     except HwrError as e:
         page_number = _failed_page(stage, str(e), len(reading.pages))
         return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes, error_page=page_number)

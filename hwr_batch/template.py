@@ -377,6 +377,9 @@ def load_templates(paths: list[Path]) -> list[Template]:
         if len(t.name) > 25 or re.search(r"[\\/:*?\[\]\x00-\x1f]", t.name) or not t.name.strip():
             raise ValueError(f"{path}: the template's name {t.name!r} cannot name a table: use at most 25 characters, "
                              "and no slashes, colons, *, ?, [ or ]")
+        columns = form_columns(t)
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"{path}: a field is named file, page or status, or as another field's <name>_flag: rename it")
         if t.name in seen:
             raise ValueError(f"{path}: the template's name {t.name!r} is also that of {seen[t.name]}: rename one")
         seen[t.name] = path

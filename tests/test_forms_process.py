@@ -139,3 +139,16 @@ def test_two_templates_xlsx_and_without_templates_nothing_changes(forms_folder, 
     plain = cli("process", root / "scans", "--out", tmp_path / "plain", "-j", "1", "--include", "a1.png")
     assert plain.returncode == 0, plain.stderr
     assert sorted(p.name for p in (tmp_path / "plain").glob("*.csv")) == ["digits.csv", "errors.csv", "fields.csv", "pages.csv"]
+
+
+def test_templates_that_cannot_name_their_tables_are_refused(forms_folder, tmp_path):
+    root, _ = forms_folder
+    text = (root / "a.toml").read_text()
+    same = tmp_path / "same.toml"
+    same.write_text(text)  # also named "a"
+    with pytest.raises(ValueError, match="also that of"):
+        T.load_templates([root / "a.toml", same])
+    column = tmp_path / "column.toml"
+    column.write_text(text.replace('name = "field_01"', 'name = "status"', 1))
+    with pytest.raises(ValueError, match="column.toml"):
+        T.load_templates([column])
