@@ -223,6 +223,15 @@ def process(
             "under the same paths (shared storage); state, tables and lock stay here. Needs: pip install 'hwr-batch[dask]'.",
         ),
     ] = DEFAULTS.dask,
+    template: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--template", "-t", metavar="FORM.toml", dir_okay=False,
+            help="A form template (from `hwr-batch template create`; repeatable): register each page to the best one and "
+            "write forms.csv (a `forms` sheet with --format xlsx; forms-NAME per template for several): file, page, a "
+            "column per field, a <field>_flag each, status. A page that fits none is `unregistered` and in errors.csv.",
+        ),
+    ] = None,
     annotate: Annotated[
         Path | None, typer.Option(help="Also write a JPEG of each page with the fields, their numbers and the digits read drawn on it.", file_okay=False)
     ] = DEFAULTS.annotate_dir,
@@ -272,8 +281,8 @@ def process(
     """Read the handwritten digits in scanned forms and write them as tables.
 
     Re-runs are incremental: files already done with the same model are skipped, changed files
-    are redone and their rows replaced. Exit code 0 if every file was read, 1 if some failed
-    (see errors.csv), 130 if interrupted (re-run to finish).
+    are redone and their rows replaced. Exit code 0 if every file was read, 1 if some failed or, with
+    --template, some pages fit no template (see errors.csv), 130 if interrupted (re-run to finish).
     """
     from .config import options_from, read_config_file
     from .errors import BadArgsError
@@ -712,10 +721,10 @@ def template_create(
 
 def _load_templates(paths: list[Path]):
     from .errors import BadArgsError
-    from .template import load
+    from .template import load_templates
 
     try:
-        return [load(p) for p in paths]
+        return load_templates(paths)
     except ValueError as e:
         raise BadArgsError(str(e)) from e
 
@@ -763,7 +772,7 @@ def template_read(
     from .classify import load_classifier
     from .export import neutralise_formulas
     from .load import find_inputs
-    from .template import read_forms
+    from .template import form_columns, read_forms, table_names
 
     forms = _load_templates(template)
     paths, unusable = find_inputs(scans)
@@ -771,10 +780,9 @@ def template_read(
     errors += [{"file": str(p), "page": None, "stage": "load", "reason": reason} for p, reason in unusable]
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for form in forms:
-        columns = ["file", "page", *(f.name for f in form.fields), *(f"{f.name}_flag" for f in form.fields), "status"]
-        frame = neutralise_formulas(pd.DataFrame(tables[form.name], columns=columns))
-        path = out / ("forms.csv" if len(forms) == 1 else f"forms-{form.name}.csv")
+    for form, table in zip(forms, table_names(forms).values()):
+        frame = neutralise_formulas(pd.DataFrame(tables[form.name], columns=form_columns(form)))
+        path = out / f"{table}.csv"
         atomic_write(path, lambda f, frame=frame: frame.to_csv(f, index=False), newline="", encoding="utf-8")
         written.append(path)
     frame = pd.DataFrame(errors, columns=["file", "page", "stage", "reason"])

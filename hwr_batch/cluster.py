@@ -197,6 +197,9 @@ def read_and_classify(path: Path, settings: ReadSettings, model: str, model_sha:
     if reading.error is None:
         started = time.perf_counter()
         reading.scores = predict_scores(classifier, reading.images)
+        if reading.forms is not None:  # the pages registered to templates (process --template)
+            reading.forms.reading.scores = predict_scores(classifier, reading.forms.reading.images)
+            reading.forms.reading.images = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
         reading.seconds["classify"] = time.perf_counter() - started
     reading.images = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     return reading

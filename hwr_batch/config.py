@@ -62,6 +62,8 @@ class Options:
         batch_digits: digits collected before one classification call.
         dask: read and classify the files on a Dask cluster: a scheduler's address (``tcp://HOST:PORT``)
             or ``local:N`` (a cluster of N worker processes on this machine); None: ``jobs`` local processes.
+        templates: form templates (TOML, see :mod:`hwr_batch.template`): each page is registered to the best
+            one and its named fields written to a ``forms`` table; empty: no forms table.
     """
 
     inputs: tuple[Path, ...]
@@ -86,6 +88,7 @@ class Options:
     prune: bool = False
     batch_digits: int = 4096
     dask: str | None = None
+    templates: tuple[Path, ...] = ()
 
     def validated(self) -> Options:
         """Check every option; return a copy with defaults resolved.
@@ -122,9 +125,13 @@ class Options:
                 f"--dask must be a scheduler's address (tcp://HOST:PORT, or tls://, ws://, wss://, inproc://) or local:N "
                 f"(N worker processes on this machine), got {self.dask!r}"
             )
+        for template in self.templates:
+            if not Path(template).is_file():
+                raise BadArgsError(f"--template {template}: no such file")
         return replace(
             self,
             inputs=tuple(Path(p) for p in self.inputs),
+            templates=tuple(Path(p) for p in self.templates),
             out_dir=Path(self.out_dir),
             jobs=self.jobs or os.cpu_count() or 1,
             state_dir=Path(self.state_dir) if self.state_dir else Path(self.out_dir) / ".hwr-batch",
@@ -139,7 +146,10 @@ class Options:
     def result_settings(self) -> dict[str, object]:
         """The options that change what is read from a file (not how fast, nor where it goes), by name."""
         # Unset ones are left out, so that a setting added later, at its default, changes no hash.
-        return {name: getattr(self, name) for name in RESULT_SETTINGS if getattr(self, name) is not None}
+        settings = {name: getattr(self, name) for name in RESULT_SETTINGS if getattr(self, name) is not None}
+        if self.templates:  # by their contents: editing a template (a field's box, name or rules) changes results
+            settings["templates"] = [_file_sha256(Path(p)) for p in self.templates]
+        return settings
 
     def settings_sha(self) -> str:
         """A hash of :meth:`result_settings`, recorded with each file: a file read with other settings is stale."""
@@ -148,6 +158,15 @@ class Options:
 
         text = json.dumps(self.result_settings(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise BadArgsError(f"--template {path}: cannot read it ({e.strerror or e})") from None
 
 
 # A scheduler's address, as Dask's protocols spell them, or local:N (N >= 1 worker processes on this machine).
@@ -163,7 +182,7 @@ def option_names() -> list[str]:
 
 
 # Options whose name on the command line (and in a config file) is not their name in Options.
-CLI_NAMES = {"out_dir": "out", "field_mode": "fields", "annotate_dir": "annotate"}
+CLI_NAMES = {"out_dir": "out", "field_mode": "fields", "annotate_dir": "annotate", "templates": "template"}
 
 
 def cli_name(name: str) -> str:
@@ -179,7 +198,7 @@ def options_from(settings: Mapping[str, object]) -> Options:
 
 # By the type of an Options field: its type in a config file, and how a command-line or config value becomes it.
 _OPTION_TYPES = {
-    "tuple[Path, ...]": ("paths", lambda v: tuple(Path(p) for p in v)),
+    "tuple[Path, ...]": ("paths", lambda v: tuple(Path(p) for p in v or ())),
     "Path": ("path", Path),
     "Path | None": ("path", lambda v: Path(v) if v else None),
     "str | None": ("text", lambda v: v or None),

@@ -44,33 +44,36 @@ FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
 
-def empty_tables() -> dict[str, pd.DataFrame]:
-    """The tables (digits, fields, errors, pages) with their columns and no rows."""
-    return {name: pd.DataFrame(columns=list(columns)) for name, columns in TABLE_COLUMNS.items()}
+def empty_tables(forms: Mapping[str, list[str]] | None = None) -> dict[str, pd.DataFrame]:
+    """The tables (digits, fields, errors, pages, and the ``forms`` tables named) with their columns and no rows."""
+    return {name: pd.DataFrame(columns=list(columns)) for name, columns in {**TABLE_COLUMNS, **(forms or {})}.items()}
 
 
-def to_frame(name: str, rows: list[dict]) -> pd.DataFrame:
+def to_frame(name: str, rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
     """Rows (dicts keyed by column) -> a DataFrame with the table's columns in order.
 
     This is where new rows become cells: every text value is escaped here, once, with
     :func:`~hwr_batch.atomic.display_text` (file names that are not UTF-8 or hold control
     characters, and the reasons that name them), so no cell of any table can break a CSV line,
     fail to encode, or show two files alike. Rows hold the exact text (``str(path)``).
+    ``columns``: those of a forms table (one per template field, see :func:`hwr_batch.template.form_columns`).
     """
-    columns = list(TABLE_COLUMNS[name])
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS[name]) if columns is None else columns)
     for column in frame.columns:
         if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column].dtype):
             frame[column] = frame[column].map(lambda v: display_text(v) if isinstance(v, str) else v)
-    return _typed(frame)
+    return _typed(frame, name)
 
 
-def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Text columns as strings (the digit string "007" must not become 7), whole numbers as Int64."""
+def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Text columns as strings (the digit string "007" must not become 7), whole numbers as Int64.
+
+    In a forms table every column but ``page`` is text, whatever its field is named."""
+    text, integers = (TEXT_COLUMNS, INTEGER_COLUMNS) if name in TABLE_COLUMNS else (frame.columns.drop("page"), ("page",))
     for column in frame.columns:
-        if column in TEXT_COLUMNS:
+        if column in text:
             frame[column] = frame[column].astype("string")
-        elif column in INTEGER_COLUMNS:  # a value that is not a whole number becomes missing
+        elif column in integers:  # a value that is not a whole number becomes missing
             numbers = pd.to_numeric(frame[column], errors="coerce")
             frame[column] = numbers.where(numbers == numbers.round()).astype("Int64")
     return frame
@@ -169,8 +172,11 @@ def _without_control_characters(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
+def read_tables(out_dir: Path, fmt: str = "csv", forms: Mapping[str, list[str]] | None = None) -> dict[str, pd.DataFrame]:
     """Read back tables written by :func:`write_tables` (empty tables where none exist yet).
+
+    ``forms``: the forms tables to read too, with the columns their templates give them; one whose columns
+    are not those (its template was edited) is read as empty, so its files are read again.
 
     Rows that cannot be whole (a CSV file cut short, as by a partial restore, ends inside its last
     row; a row missing its file or a whole-number value) are dropped with a warning: the run then
@@ -180,12 +186,14 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
     Raises:
         OutputError: a table exists but cannot be read, or lacks its columns; names the file.
     """
-    tables = empty_tables()
+    forms = forms or {}
+    tables = empty_tables(forms)
     paths = output_paths(out_dir, fmt)
+    paths |= {name: Path(out_dir) / (f"{name}.csv" if fmt == "csv" else "results.xlsx") for name in forms}
     for name, path in paths.items():
         if not path.is_file():
             continue
-        text_columns = dict.fromkeys(TEXT_COLUMNS, "string")
+        text_columns = dict.fromkeys(TEXT_COLUMNS if name in TABLE_COLUMNS else [c for c in forms[name] if c != "page"], "string")
         cut_at = None
         try:
             if fmt == "xlsx":
@@ -205,10 +213,13 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
                 f"{path}: cannot read the results table back ({type(e).__name__}: {e}); restore it from a backup, "
                 "or move it aside: the next run then reads again every file whose rows it held"
             ) from None
+        if name in forms and list(frame.columns) != list(forms[name]):
+            log.warning("%s: the %s table's columns are not its template's (edited?): its files are read again", path, name)
+            continue
         for column in ADDED_COLUMNS.get(name, ()):
             if column not in frame.columns:
                 frame[column] = pd.NA
-        missing = [c for c in TABLE_COLUMNS[name] if c not in frame.columns]
+        missing = [c for c in TABLE_COLUMNS.get(name, ()) if c not in frame.columns]
         if missing:
             raise OutputError(
                 f"{path}: the {name} table has no column(s) {', '.join(missing)}; it was edited or damaged. "
@@ -217,9 +228,9 @@ def read_tables(out_dir: Path, fmt: str = "csv") -> dict[str, pd.DataFrame]:
         for column in TEXT_COLUMNS:
             if column in frame:  # written before cells were escaped: tab, CR, LF were kept raw
                 frame[column] = frame[column].str.replace(_RAW_CONTROLS, lambda m: display_text(m.group()), regex=True)
-        frame = _typed(frame)
+        frame = _typed(frame, name)
         whole = frame["file"].notna() & (frame["file"] != "")
-        for column in REQUIRED_INTEGERS[name]:
+        for column in REQUIRED_INTEGERS.get(name, ["page"]):  # a forms table: each row is a page
             whole &= frame[column].notna()
         if not whole.all():
             log.warning("%s: %d damaged row(s) of the %s table dropped; their files are read again", path, (~whole).sum(), name)

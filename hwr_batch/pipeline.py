@@ -26,7 +26,7 @@ from .atomic import check_writable, remove_stale_temp_files
 from .classify import Classifier, load_classifier
 from .cluster import check_workers, connect, iter_cluster_readings, require_dask
 from .config import Options
-from .errors import ExitCode, HwrError, InputFileError, OutputError
+from .errors import BadArgsError, ExitCode, HwrError, InputFileError, OutputError
 from .export import empty_tables, read_tables
 from .load import find_inputs
 from .read import (
@@ -58,6 +58,7 @@ from .state import (
     stale_files,
 )
 from .store import ResultStore, redo_files_whose_rows_do_not_match
+from .template import Template, form_columns, load_templates, process_form_rows, table_names
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -97,6 +98,7 @@ class BatchReport:
     digits: int = 0
     fields: int = 0
     flagged_fields: int = 0
+    unregistered_pages: int = 0  # process --template: pages that fit no template (each also an error row)
     interrupted: bool = False
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
@@ -105,10 +107,10 @@ class BatchReport:
 
     @property
     def exit_code(self) -> ExitCode:
-        """ok, partial_failure (some files failed) or ctrl_c (stopped early)."""
+        """ok, partial_failure (some files failed, or pages fit no template: see errors.csv) or ctrl_c (stopped early)."""
         if self.interrupted:
             return ExitCode.ctrl_c
-        return ExitCode.partial_failure if self.failed else ExitCode.ok
+        return ExitCode.partial_failure if self.failed or self.unregistered_pages else ExitCode.ok
 
     @property
     def pages_per_second(self) -> float:
@@ -125,6 +127,7 @@ class BatchReport:
             "files_found": self.files_found, "processed": self.processed, "skipped": self.skipped,
             "failed": self.failed, "stale": self.stale, "pages": self.pages, "fields": self.fields,
             "accepted_fields": self.accepted_fields, "flagged_fields": self.flagged_fields, "digits": self.digits,
+            "unregistered_pages": self.unregistered_pages,
             "seconds": round(self.seconds, 3), "interrupted": self.interrupted,
         }
 
@@ -135,7 +138,8 @@ class BatchReport:
             f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped, "
             f"{self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
             f"{self.digits} digits; {self.accepted_fields} fields accepted, {self.flagged_fields} flagged for review; "
-            f"{self.seconds:.1f}s "
+            + (f"{self.unregistered_pages} pages fit no template; " if self.unregistered_pages else "")
+            + f"{self.seconds:.1f}s "
             f"({self.pages_per_second:.2f} pages/s; {stages})"
         )
 
@@ -166,6 +170,10 @@ def run_batch(
     options = options.validated()
     if options.dask:
         require_dask()  # before anything is written
+    try:
+        templates = tuple(load_templates(list(options.templates)))
+    except ValueError as e:
+        raise BadArgsError(str(e)) from None
     started = time.perf_counter()
     report = BatchReport()
     check_inputs_exist(options.inputs)
@@ -190,7 +198,7 @@ def run_batch(
         run_id = begin_run(db, model_sha=classifier.sha256, settings_sha=options.settings_sha())
         report.run_id = run_id
         try:
-            _run(files, problems, options, classifier, db, report, should_stop, progress, client)
+            _run(files, problems, options, templates, classifier, db, report, should_stop, progress, client)
         except BaseException as error:
             code = ExitCode.ctrl_c if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", ExitCode.other_error)
             try:
@@ -238,6 +246,7 @@ def _run(
     files: list[Path],
     problems: list[tuple[Path, str]],
     options: Options,
+    templates: tuple[Template, ...],
     classifier: Classifier,
     db: StateDB,
     report: BatchReport,
@@ -253,7 +262,7 @@ def _run(
         reprocess_stale=options.reprocess_stale, settings_sha=options.settings_sha(),
     )
     _log_stale(decisions, options)
-    options, tables, decisions = _tables_to_update(options, decisions, report.run_id)
+    options, tables, decisions = _tables_to_update(options, templates, decisions, report.run_id)
     store = ResultStore(tables, options=options, db=db, model_sha=classifier.sha256, report=report)
     store.note_content(decisions)
     pruned = _drop_deleted_files(store, db, options)
@@ -266,7 +275,8 @@ def _run(
     )
     if progress:
         progress.start(len(todo))
-    _read_classify_and_store(todo, store, classifier, options, report, should_stop, progress, client)
+    settings = ReadSettings.of(options, templates)
+    _read_classify_and_store(todo, store, classifier, options, settings, report, should_stop, progress, client)
     if not report.outputs or pruned:  # nothing to process: still leave valid (possibly empty) tables
         report.outputs = store.write()
     if pruned:  # only now that the tables no longer hold them: a crash before this line prunes them next time
@@ -275,19 +285,20 @@ def _run(
 
 
 def _tables_to_update(
-    options: Options, decisions: list[Decision], run_id: int
+    options: Options, templates: tuple[Template, ...], decisions: list[Decision], run_id: int
 ) -> tuple[Options, dict[str, pd.DataFrame], list[Decision]]:
-    """The tables this run adds its rows to, the options with their folder, and the decisions with the files
-    whose rows in the tables are not what the state records turned into "process it"."""
+    """The tables this run adds its rows to (with templates, a forms table each), the options with their folder,
+    and the decisions with the files whose rows in the tables are not what the state records turned into "process it"."""
+    forms = {table: form_columns(t) for t, table in zip(templates, table_names(list(templates)).values())}
     if options.per_run:  # this run's rows only, in a folder of their own (never an earlier run's)
         out_dir = options.out_dir / f"run-{run_id:05d}"
         suffix = 1
         while out_dir.exists():
             suffix += 1
             out_dir = options.out_dir / f"run-{run_id:05d}-{suffix}"
-        return replace(options, out_dir=out_dir), empty_tables(), decisions
+        return replace(options, out_dir=out_dir), empty_tables(forms), decisions
     # cumulative: every file's latest rows, carried over from earlier runs
-    tables = read_tables(options.out_dir, options.fmt)
+    tables = read_tables(options.out_dir, options.fmt, forms)
     return options, tables, redo_files_whose_rows_do_not_match(tables, decisions)
 
 
@@ -328,6 +339,7 @@ def _read_classify_and_store(
     store: ResultStore,
     classifier: Classifier,
     options: Options,
+    settings: ReadSettings,
     report: BatchReport,
     should_stop: Callable[[], bool],
     progress: Progress | None,
@@ -335,7 +347,6 @@ def _read_classify_and_store(
 ) -> None:
     """Read the files to do in workers (local processes, or a Dask cluster's workers, which classify them too),
     classify them in batches, write the tables when due and mark the files."""
-    settings = ReadSettings.of(options)
     pending: list[FileReading] = []
     pending_digits = 0
     paths = _until(list(todo), should_stop, report)
@@ -352,11 +363,11 @@ def _read_classify_and_store(
             pending.append(reading)
             pending_digits += reading.candidates
             if pending_digits >= options.batch_digits or len(pending) >= FILES_PER_BATCH:
-                _classify_batch(pending, store, classifier, options, report)
+                _classify_batch(pending, store, classifier, options, settings.templates, report)
                 pending, pending_digits = [], 0
                 if store.write_due():
                     store.flush(todo)
-        _classify_batch(pending, store, classifier, options, report)
+        _classify_batch(pending, store, classifier, options, settings.templates, report)
     except Exception:
         # A failure outside writing (annotating, a bug): first save what earlier batches read, so
         # the next run need not redo it. (A failed write is not tried again: flush takes the files first.)
@@ -422,21 +433,37 @@ def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchRepo
 
 
 def _classify_batch(
-    readings: list[FileReading], store: ResultStore, classifier: Classifier, options: Options, report: BatchReport
+    readings: list[FileReading],
+    store: ResultStore,
+    classifier: Classifier,
+    options: Options,
+    templates: tuple[Template, ...],
+    report: BatchReport,
 ) -> None:
-    """Classify a batch of files and put their rows in the store's tables (in memory); annotate their pages."""
+    """Classify a batch of files and put their rows in the store's tables (in memory); annotate their pages.
+
+    With templates, the pages registered to them are classified too, into a forms row per page; a page that
+    fits none also gets an error row (its file is done: its other rows stand), and the run's exit code is 1."""
     if not readings:
         return
     good = [r for r in readings if r.error is None]
     digit_rows, field_rows, seconds = classify_readings(good, classifier, threshold=options.accept_threshold)
     report.stage_seconds["classify"] += seconds
+    forms, unregistered = {}, []
+    if templates:
+        forms, unregistered, seconds = process_form_rows(good, templates, classifier, threshold=options.accept_threshold)
+        report.stage_seconds["classify"] += seconds
+        report.unregistered_pages += len(unregistered)
     for r in readings:
         for note in r.notes:
             log.warning("%s: %s", r.path, note)
         if r.error:
             _log_file_error(r.path, r.error[1])
+    for row in unregistered:
+        log.error("%s: page %d: %s", row["file"], row["page"], row["reason"])
     store.replace_rows(
-        [r.path for r in readings], digit_rows, field_rows, error_rows(readings), page_rows(good, field_rows)
+        [r.path for r in readings], digit_rows, field_rows, error_rows(readings) + unregistered,
+        page_rows(good, field_rows), forms,
     )
     if options.annotate_dir:
         started = time.perf_counter()

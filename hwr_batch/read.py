@@ -30,6 +30,7 @@ from .layout import analyse_page, choose_dpi
 from .load import iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .segment import FieldCandidates, field_image, segment_field_candidates, segmenting_scale
+from .template import Template, best_registration, to_template_frame
 
 log = logging.getLogger("hwr_batch.pipeline")  # the run's logger, named as before this module split off
 
@@ -89,6 +90,7 @@ class FileReading:
         scores: the model's label probabilities (N, labels) and "not a digit" probabilities (N,) of the
             candidates, when they were classified where the file was read (a Dask worker, see
             :mod:`hwr_batch.cluster`); ``images`` is then empty, as they are not needed any more.
+        forms: with templates (``process --template``): its pages registered to them (None: no templates).
     """
 
     path: Path
@@ -99,11 +101,26 @@ class FileReading:
     notes: list[str] = field(default_factory=list)
     error_page: int | None = None
     scores: tuple[np.ndarray, np.ndarray] | None = None
+    forms: FormPages | None = None
 
     @property
     def candidates(self) -> int:
         """The number of candidate digits read from the file (rows of ``images``, or of ``scores``)."""
         return len(self.images) if self.scores is None else len(self.scores[0])
+
+
+@dataclass
+class FormPages:
+    """A file's pages registered to the run's templates (see :mod:`hwr_batch.template`).
+
+    Attributes:
+        matched: (1-based page, name of the template it fits best, or None: it fits none) per page.
+        reading: the pages that fit, each in its template's frame (upright, the template's size) and read
+            as boxes, with their candidates: classified as a file's (:func:`hwr_batch.rows.classify_readings`).
+    """
+
+    matched: list[tuple[int, str | None]]
+    reading: FileReading
 
 
 _DEFAULTS = Options(inputs=())
@@ -118,11 +135,14 @@ class ReadSettings:
     pdf_dpi: int = _DEFAULTS.pdf_dpi
     max_megapixels: float = _DEFAULTS.max_megapixels
     dpi: float | None = _DEFAULTS.dpi  # resolution of every scan (not PDF), whatever its tag says
+    templates: tuple[Template, ...] = ()  # loaded from Options.templates: register each page to them
 
     @classmethod
-    def of(cls, options: Options) -> ReadSettings:
-        """The settings of ``options``."""
-        return cls(**{f.name: getattr(options, f.name) for f in dataclass_fields(cls)})
+    def of(cls, options: Options, templates: tuple[Template, ...] = ()) -> ReadSettings:
+        """The settings of ``options``; ``templates``: those ``options.templates`` names, loaded
+        (:func:`hwr_batch.template.load_templates`)."""
+        names = [f.name for f in dataclass_fields(cls) if f.name != "templates"]
+        return cls(**{name: getattr(options, name) for name in names}, templates=tuple(templates))
 
 
 def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReading:
@@ -134,6 +154,8 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
     reading = FileReading(Path(path))
     seconds = dict.fromkeys(STAGES[:4], 0.0)
     images: list[np.ndarray] = []
+    forms = FormPages([], FileReading(Path(path)))
+    form_images: list[np.ndarray] = []
     stage = "load"
     try:
         pages = iter_pages(path, pdf_dpi=settings.pdf_dpi, max_megapixels=settings.max_megapixels)
@@ -149,7 +171,11 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
                 dpi, why = choose_dpi(page.dpi, page.gray.shape)
                 if why:
                     reading.notes.append(f"page {page.index + 1}: {why} (--dpi sets it)")
-            reading.pages.append(_read_page(page.gray, page.index, dpi, settings, images, seconds))
+            page_reading = _read_page(page.gray, page.index, dpi, settings, images, seconds)
+            if settings.templates:  # before the page counts as read: a failure here is on this page
+                forms.matched.append((page.index + 1, _read_form_page(page.gray, page.index, dpi, settings.templates,
+                                                                      forms.reading.pages, form_images, seconds)))
+            reading.pages.append(page_reading)
     except HwrError as e:
         page_number = _failed_page(stage, str(e), len(reading.pages))
         return FileReading(Path(path), error=(stage, str(e)), seconds=seconds, notes=reading.notes, error_page=page_number)
@@ -160,8 +186,39 @@ def read_file(path: Path, settings: ReadSettings = ReadSettings()) -> FileReadin
         return FileReading(Path(path), error=(stage, reason), seconds=seconds, error_page=page_number)
     if images:
         reading.images = np.stack(images)
+    if settings.templates:
+        if form_images:
+            forms.reading.images = np.stack(form_images)
+        reading.forms = forms
     reading.seconds = seconds
     return reading
+
+
+def _read_form_page(
+    gray: np.ndarray,
+    index: int,
+    dpi: float,
+    templates: tuple[Template, ...],
+    pages: list[PageReading],
+    images: list[np.ndarray],
+    seconds: dict[str, float],
+) -> str | None:
+    """Register a page to the best of ``templates`` and, if one fits, lay it out and segment it in the
+    template's frame as boxes (as :func:`hwr_batch.template.read_zones` does), appending it to ``pages`` and
+    its candidates to ``images``. Returns the template's name, or None if none fits."""
+    started = time.perf_counter()
+    fit = best_registration(gray, list(templates), dpi=dpi)
+    if fit is None:
+        seconds["layout"] += time.perf_counter() - started
+        return None
+    template, registration = fit
+    upright = to_template_frame(gray, template, registration)
+    seconds["layout"] += time.perf_counter() - started
+    pages.append(_read_page(upright, index, template.dpi, _BOXES, images, seconds))
+    return template.name
+
+
+_BOXES = ReadSettings(field_mode="boxes")  # how a registered page's zones are read
 
 
 def _failed_page(stage: str, reason: str, pages_read: int) -> int | None:

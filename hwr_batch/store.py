@@ -21,7 +21,7 @@ import pandas as pd
 from .atomic import display_path
 from .config import Options
 from .corrections import field_keys, match_corrections, with_reviews, write_corrections_csv
-from .export import CUT_SHORT_AT, neutralise_cell, to_frame, write_tables
+from .export import CUT_SHORT_AT, TABLE_COLUMNS, neutralise_cell, to_frame, write_tables
 from .read import FileReading
 from .state import (
     Decision,
@@ -81,9 +81,10 @@ class ResultStore:
         fields: list[dict] = (),
         errors: list[dict] = (),
         pages: list[dict] = (),
+        forms: dict[str, list[dict]] | None = None,
     ) -> None:
-        """Drop every row of ``files`` from the tables, then add the new rows."""
-        self.tables = _replace_rows(self.tables, files, digits, fields, errors, pages)
+        """Drop every row of ``files`` from the tables, then add the new rows (``forms``: by forms table)."""
+        self.tables = _replace_rows(self.tables, files, digits, fields, errors, pages, forms)
 
     def hold(self, readings: list[FileReading], digit_rows: list[dict], field_rows: list[dict]) -> None:
         """Note the files of ``readings``, whose rows are in the tables, as to be marked once written.
@@ -184,8 +185,11 @@ def redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decision
     edited): process them again, so the cumulative tables never silently lose or keep wrong rows.
 
     A done file must have as many digit rows as the digits recorded, and field rows whose digit
-    counts add up to as many; a failed file (not retried) must have its row in the errors table.
+    counts add up to as many, and (with templates) a row in the forms tables per page recorded; a failed
+    file (not retried) must have its row in the errors table.
     """
+    forms = [name for name in tables if name not in TABLE_COLUMNS]  # process --template: a row per page
+    form_rows = Counter(file for name in forms for file in tables[name]["file"])
     digit_rows = tables["digits"]["file"].value_counts().to_dict()
     field_digits = tables["fields"].groupby("file")["digit_count"].sum().to_dict()
     error_files = set(tables["errors"]["file"])
@@ -194,7 +198,7 @@ def redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decision
     def cut(*names: str) -> str | None:
         return min((c for n in names if (c := tables[n].attrs.get(CUT_SHORT_AT)) is not None), default=None)
 
-    cut_done, cut_failed = cut("digits", "fields"), cut("errors")  # done files have rows in those, failed ones here
+    cut_done, cut_failed = cut("digits", "fields", *forms), cut("errors")  # done files have rows in those, failed ones here
     redone = []
     for d in decisions:
         previous = d.previous
@@ -203,6 +207,7 @@ def redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decision
             if previous.status == "done":
                 recorded = previous.digits or 0
                 matches = recorded == sum(digit_rows.get(k, 0) for k in keys) == sum(field_digits.get(k, 0) for k in keys)
+                matches &= not forms or sum(form_rows[k] for k in keys) == (previous.pages or 0)
                 cut_at = cut_done
             else:
                 matches = bool(keys & error_files)
@@ -247,21 +252,22 @@ def _replace_rows(
     fields: list[dict] = (),
     errors: list[dict] = (),
     pages: list[dict] = (),
+    forms: dict[str, list[dict]] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Drop every row of ``files`` from the tables, then append the new rows: a file's rows are replaced, never duplicated."""
     keys = {file_text(f) for f in files}
     keys |= {neutralise_cell(k) for k in keys}  # tables read back hold neutralised names
-    new = {"digits": digits, "fields": fields, "errors": errors, "pages": pages}
+    new = {"digits": digits, "fields": fields, "errors": errors, "pages": pages, **(forms or {})}
     out = {}
     for name, frame in tables.items():
         kept = frame[~frame["file"].isin(keys)] if len(frame) else frame
-        added = to_frame(name, list(new[name]))
+        added = to_frame(name, list(new.get(name, ())), None if name in TABLE_COLUMNS else list(frame.columns))
         out[name] = pd.concat([kept, added], ignore_index=True) if len(added) and len(kept) else (added if len(added) else kept)
     return out
 
 
 def _write(tables: dict[str, pd.DataFrame], options: Options) -> list[Path]:
-    ordered = {name: frame.sort_values(SORT_KEYS[name], kind="stable") for name, frame in tables.items()}
+    ordered = {name: frame.sort_values(SORT_KEYS.get(name, ["file", "page"]), kind="stable") for name, frame in tables.items()}
     return write_tables(ordered, options.out_dir, options.fmt)
 
 

@@ -266,9 +266,7 @@ def read_zones(upright: np.ndarray, template: Template, classifier, *, threshold
     """Read each named field of a page already in the template's frame, as ``process`` reads boxes.
 
     The page's boxes are found and read by the normal path (:func:`hwr_batch.read.read_page`,
-    :func:`hwr_batch.rows.classify_readings`); each template field takes the box that overlaps it most
-    (IoU >= 0.5). Returns (values, flags): flags are the reading's flag reasons, then the names of the rules
-    broken, "; "-joined; a field whose box was not found reads "" and is flagged ``not found``.
+    :func:`hwr_batch.rows.classify_readings`) and matched to the template's fields (:func:`zone_values`).
     """
     from pathlib import PurePath
 
@@ -278,10 +276,20 @@ def read_zones(upright: np.ndarray, template: Template, classifier, *, threshold
     page, images = read_page(upright, dpi=template.dpi, settings=ReadSettings(field_mode="boxes"))
     kwargs = {} if threshold is None else {"threshold": threshold}
     _, rows, _ = classify_readings([FileReading(PurePath("page"), [page], images)], classifier, **kwargs)
+    return zone_values(template, rows)
+
+
+def zone_values(template: Template, field_rows: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """The values and flags of the template's fields, from the field rows of a page read in its frame.
+
+    Each template field takes the box that overlaps it most (IoU >= 0.5). Flags are the reading's flag
+    reasons, then the names of the rules broken, "; "-joined; a field whose box was not found reads ""
+    and is flagged ``not found``.
+    """
     values: dict[str, str] = {}
     flags: dict[str, str] = {}
     for f in template.fields:
-        best = max(rows, key=lambda r: _box_iou(f.box, (r["x"], r["y"], r["width"], r["height"])), default=None)
+        best = max(field_rows, key=lambda r: _box_iou(f.box, (r["x"], r["y"], r["width"], r["height"])), default=None)
         if best is None or _box_iou(f.box, (best["x"], best["y"], best["width"], best["height"])) < 0.5:
             values[f.name], reasons = "", ["not found"]
         else:
@@ -306,6 +314,17 @@ def read_form(gray: np.ndarray, templates: list[Template], classifier, *, dpi: f
     return FormReading(template, reg, values, flags)
 
 
+def form_columns(template: Template) -> list[str]:
+    """The columns of a template's forms table: file, page, each field, each ``<field>_flag``, status."""
+    names = [f.name for f in template.fields]
+    return ["file", "page", *names, *(f"{n}_flag" for n in names), "status"]
+
+
+def table_names(templates: list[Template]) -> dict[str, str]:
+    """The forms table of each template, by template name: ``forms``, or ``forms-NAME`` for several templates."""
+    return {t.name: "forms" if len(templates) == 1 else f"forms-{t.name}" for t in templates}
+
+
 def form_row(file: str, page: int, template: Template, reading: FormReading) -> dict:
     """The ``forms.csv`` row of one page: file, page, each field, each ``<field>_flag``, status."""
     row: dict = {"file": file, "page": page}
@@ -313,6 +332,11 @@ def form_row(file: str, page: int, template: Template, reading: FormReading) -> 
     row.update({f"{f.name}_flag": reading.flags.get(f.name, "") for f in template.fields})
     row["status"] = reading.status
     return row
+
+
+def unregistered_error(file: str, page: int) -> dict:
+    """The error row of a page that matches no template."""
+    return {"file": file, "page": page, "stage": "register", "reason": "unregistered: the page matches no template"}
 
 
 def read_forms(paths: list[Path], templates: list[Template], classifier, *, threshold: float | None = None
@@ -338,8 +362,60 @@ def read_forms(paths: list[Path], templates: list[Template], classifier, *, thre
                 template = reading.template or templates[0]
                 tables[template.name].append(form_row(file, page.index + 1, template, reading))
                 if reading.template is None:
-                    errors.append({"file": file, "page": page.index + 1, "stage": "register",
-                                   "reason": "unregistered: the page matches no template"})
+                    errors.append(unregistered_error(file, page.index + 1))
         except HwrError as e:
             errors.append({"file": file, "page": None, "stage": "load", "reason": str(e)})
     return tables, errors
+
+
+def load_templates(paths: list[Path]) -> list[Template]:
+    """Load the templates of one run: their names must differ and be usable as a file and sheet name
+    (``forms-NAME.csv``, sheet ``forms-NAME``). Raises ValueError naming the file."""
+    templates = [load(p) for p in paths]
+    seen: dict[str, Path] = {}
+    for path, t in zip(paths, templates):
+        if len(t.name) > 25 or re.search(r"[\\/:*?\[\]\x00-\x1f]", t.name) or not t.name.strip():
+            raise ValueError(f"{path}: the template's name {t.name!r} cannot name a table: use at most 25 characters, "
+                             "and no slashes, colons, *, ?, [ or ]")
+        columns = form_columns(t)
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"{path}: a field is named file, page or status, or as another field's <name>_flag: rename it")
+        if t.name in seen:
+            raise ValueError(f"{path}: the template's name {t.name!r} is also that of {seen[t.name]}: rename one")
+        seen[t.name] = path
+    return templates
+
+
+# --------------------------------------------------------------------------------------- in process
+
+
+def process_form_rows(readings: list, templates: tuple[Template, ...], classifier, *, threshold: float
+                      ) -> tuple[dict[str, list[dict]], list[dict], float]:
+    """The forms rows of files read with templates (their ``forms``, see :func:`hwr_batch.read.read_file`): rows per
+    forms table (:func:`table_names`), the error rows of pages no template fits, and seconds in the model.
+
+    As :func:`read_forms`: a page that fits no template is an ``unregistered`` row of the first template's table.
+    """
+    from .rows import classify_readings
+
+    by_name = {t.name: t for t in templates}
+    tables = table_names(list(templates))
+    forms = [r.forms for r in readings if r.forms is not None]
+    _, field_rows, seconds = classify_readings([f.reading for f in forms], classifier, threshold=threshold)
+    per_page: dict[tuple[str, int], list[dict]] = {}
+    for row in field_rows:
+        per_page.setdefault((row["file"], row["page"]), []).append(row)
+    rows: dict[str, list[dict]] = {name: [] for name in tables.values()}
+    errors: list[dict] = []
+    for f in forms:
+        file = str(f.reading.path)
+        for number, name in f.matched:
+            if name is None:
+                template, reading = templates[0], FormReading(None, None, {}, {})
+                errors.append(unregistered_error(file, number))
+            else:
+                template = by_name[name]
+                values, flags = zone_values(template, per_page.get((file, number), []))
+                reading = FormReading(template, None, values, flags)
+            rows[tables[template.name]].append(form_row(file, number, template, reading))
+    return rows, errors, seconds
