@@ -14,11 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import pytest
 from conftest import REPO
 from distributed import Client, LocalCluster
 
-from hwr_batch.cluster import check_workers
+from hwr_batch.cluster import TRIM_SETTING, check_workers
 from hwr_batch.config import Options
 from hwr_batch.errors import ExitCode, InputFileError, ModelError
 from hwr_batch.pipeline import BatchReport, Progress, run_batch
@@ -59,10 +60,13 @@ def table_bytes(out: Path) -> dict[str, bytes]:
 
 
 def local_cluster(**scheduler_kwargs) -> LocalCluster:
-    return LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-        scheduler_kwargs={"dashboard": False, "dashboard_address": None, **scheduler_kwargs},
-    )
+    # As hwr_batch.cluster.connect does; a nanny also sets the threshold in its own process's environment,
+    # which every later command run by the tests would inherit.
+    with dask.config.set({TRIM_SETTING: None}):
+        return LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            scheduler_kwargs={"dashboard": False, "dashboard_address": None, **scheduler_kwargs},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +160,11 @@ def test_the_workers_are_checked_for_the_model_and_the_inputs(cluster, scans, sh
 def test_the_dask_scheduler_and_worker_commands_serve_the_cli(scans, local_tables, tmp_path, cli):
     scheduler_file = tmp_path / "scheduler.json"
     # Both stop by themselves too: the scheduler when idle for two minutes, a worker without its scheduler.
-    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__IDLE_TIMEOUT": "120s"}
+    # Workers with Dask's default trim threshold set explicitly, so that the run must warn of it.
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "trim.yaml").write_text("distributed:\n  nanny:\n    pre-spawn-environ:\n      MALLOC_TRIM_THRESHOLD_: 65536\n")
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__IDLE_TIMEOUT": "120s", "DASK_CONFIG": str(config)}
     common = ["--no-dashboard", "--scheduler-file", str(scheduler_file)]
     scheduler = subprocess.Popen(
         [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", *common], env=env,
@@ -182,6 +190,7 @@ def test_the_dask_scheduler_and_worker_commands_serve_the_cli(scans, local_table
         result = cli("process", scans, "--out", tmp_path / "out", "--dask", address)
         assert result.returncode == 1, result.stderr  # 1: the file that is no image
         assert "Dask cluster: 2 workers, 2 threads" in result.stderr
+        assert "run with MALLOC_TRIM_THRESHOLD_=65536" in result.stderr
         assert table_bytes(tmp_path / "out") == local_tables
     finally:
         for process in (worker, scheduler):
@@ -200,6 +209,7 @@ def test_dask_local_from_the_command_line(scans, local_tables, tmp_path, cli):
     result = cli("process", scans, "--out", tmp_path / "out", "--dask", "local:2")
     assert result.returncode == 1, result.stderr
     assert table_bytes(tmp_path / "out") == local_tables
+    assert "MALLOC_TRIM_THRESHOLD_" not in result.stderr  # local workers keep glibc's sliding threshold
 
 
 def test_a_scheduler_that_cannot_be_reached_is_exit_code_3(scans, tmp_path, cli):
