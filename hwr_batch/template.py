@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .export import FORMULA_TRIGGERS
 from .layout import MM_PER_INCH, analyse_page, deskew
 
 REGISTER_DPI = 100.0  # features are found at about this resolution
@@ -378,6 +379,10 @@ def load_templates(paths: list[Path]) -> list[Template]:
             raise ValueError(f"{path}: the template's name {t.name!r} cannot name a table: use at most 25 characters, "
                              "and no slashes, colons, *, ?, [ or ]")
         columns = form_columns(t)
+        bad = next((f.name for f in t.fields if f.name.startswith(FORMULA_TRIGGERS) or not f.name.strip()), None)
+        if bad is not None:  # written as "'=x", its header would never match the template: every run would redo all
+            raise ValueError(f"{path}: the field name {bad!r} cannot head a column: it must not be blank or start "
+                             "with =, +, -, @, a tab or a carriage return")
         if len(set(columns)) != len(columns):
             raise ValueError(f"{path}: a field is named file, page or status, or as another field's <name>_flag: rename it")
         if t.name in seen:

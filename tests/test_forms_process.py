@@ -152,3 +152,7 @@ def test_templates_that_cannot_name_their_tables_are_refused(forms_folder, tmp_p
     column.write_text(text.replace('name = "field_01"', 'name = "status"', 1))
     with pytest.raises(ValueError, match="column.toml"):
         T.load_templates([column])
+    formula = tmp_path / "formula.toml"
+    formula.write_text(text.replace('name = "field_01"', 'name = "=total"', 1))
+    with pytest.raises(ValueError, match=r"formula.toml: the field name '=total' cannot head a column"):
+        T.load_templates([formula])
