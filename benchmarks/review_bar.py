@@ -47,7 +47,7 @@ def browser(profile: Path):
 
 def truth_of(field: dict, cache: dict[str, list[dict]]) -> str | None:
     """The true digits of the field the page shows, from its page's truth JSON (None: no truth field there)."""
-    from hwr_batch.synth import box_iou
+    from hwr_batch.layout import box_iou
 
     if field["file"] not in cache:
         cache[field["file"]] = json.loads(Path(field["file"]).with_suffix(".json").read_text())["fields"]

@@ -731,7 +731,7 @@ def match_fields(truth_fields: list[dict], read: list[tuple[tuple[int, int, int,
 
     Returns the text read for each truth field (None: no match) and the number of unmatched read fields.
     """
-    from hwr_batch.synth import box_iou
+    from hwr_batch.layout import box_iou
 
     pairs = sorted(((box_iou(t["bbox"], box), ti, ri) for ti, t in enumerate(truth_fields) for ri, (box, _) in enumerate(read)),
                    reverse=True)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layout import box_iou
 from .normalise import IMAGE_SIZE, to_mnist
 from .segment import FieldCandidates, segment_field_candidates
-from .synth import box_iou
 
 REJECT = -1  # the class given to a path piece that is "not a digit"
 # Before the model has a reject class, a piece that the path calls "not a digit" costs this log-probability:

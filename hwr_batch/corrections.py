@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import atomic_write, parse_display_text
+from .layout import box_iou
 from .state import CorrectionRecord, path_key
 
 STATUSES = ("accepted", "corrected", "not_a_field", "unreadable")
@@ -43,16 +44,6 @@ class FieldKey:
 def table_file_key(text: str) -> bytes:
     """The state database's key of the file a table cell names (cells show odd names escaped)."""
     return path_key(parse_display_text(text))
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x, y, width, height) boxes; 0 for boxes without area."""
-    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def match_corrections(

@@ -147,9 +147,9 @@ def generated_form_fields(
     field (box IoU >= ``min_iou``) is segmented and labelled with the drawn digits. Train with pages
     drawn from MNIST's *training* digits, so that the generated-forms score (test digits) stays clean.
     """
-    from .layout import analyse_page
+    from .layout import analyse_page, box_iou
     from .segment import field_image, segmenting_scale
-    from .synth import box_iou, make_form
+    from .synth import make_form
 
     fields = []
     for k in range(pages):

@@ -82,6 +82,17 @@ class Layout:
 # --------------------------------------------------------------------------------------- helpers
 
 
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x, y, w, h) pixel boxes (0 when they do not meet): how a field found is
+    matched to a truth field, a template zone or a saved review."""
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = ix * iy
+    return inter / max(1, aw * ah + bw * bh - inter)
+
+
 def guess_dpi(shape: tuple[int, ...]) -> float:
     """The page's dpi if it looks like an A4 or US Letter page, else 300."""
     return _full_page_dpi(shape) or 300.0

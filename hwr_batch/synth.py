@@ -555,16 +555,6 @@ def _save_g4(img: np.ndarray, path: Path, dpi: int) -> None:
     Image.fromarray(bw).convert("1").save(path, compression="group4", dpi=(dpi, dpi))
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x, y, w, h) boxes: how ground-truth fields are matched to fields read."""
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = ix * iy
-    return inter / max(1, aw * ah + bw * bh - inter)
-
-
 def write_forms(
     out_dir: Path | str,
     n: int,

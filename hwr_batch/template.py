@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from .export import FORMULA_TRIGGERS
-from .layout import MM_PER_INCH, analyse_page, deskew
+from .layout import MM_PER_INCH, analyse_page, box_iou, deskew
 
 REGISTER_DPI = 100.0  # features are found at about this resolution
 MIN_INLIERS = 40
@@ -257,12 +257,6 @@ def best_registration(gray: np.ndarray, templates: list[Template], *, dpi: float
     return max(fits, key=lambda tr: (tr[1].score, tr[1].inliers)) if fits else None
 
 
-def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / max(1, a[2] * a[3] + b[2] * b[3] - ix * iy)
-
-
 def read_zones(upright: np.ndarray, template: Template, classifier, *, threshold: float | None = None) -> tuple[dict, dict]:
     """Read each named field of a page already in the template's frame, as ``process`` reads boxes.
 
@@ -290,8 +284,8 @@ def zone_values(template: Template, field_rows: list[dict]) -> tuple[dict[str, s
     values: dict[str, str] = {}
     flags: dict[str, str] = {}
     for f in template.fields:
-        best = max(field_rows, key=lambda r: _box_iou(f.box, (r["x"], r["y"], r["width"], r["height"])), default=None)
-        if best is None or _box_iou(f.box, (best["x"], best["y"], best["width"], best["height"])) < 0.5:
+        best = max(field_rows, key=lambda r: box_iou(f.box, (r["x"], r["y"], r["width"], r["height"])), default=None)
+        if best is None or box_iou(f.box, (best["x"], best["y"], best["width"], best["height"])) < 0.5:
             values[f.name], reasons = "", ["not found"]
         else:
             values[f.name] = best["digits"]

@@ -48,10 +48,11 @@ from hwr_batch.confidence import (
     reliability_bins,
     review_reasons,
 )
+from hwr_batch.layout import box_iou
 from hwr_batch.mnist import load_mnist
 from hwr_batch.read import FileReading, ReadSettings, iter_readings, read_page
 from hwr_batch.rows import FieldResult, judge_readings
-from hwr_batch.synth import box_iou, make_form
+from hwr_batch.synth import make_form
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = (0.005, 0.01, 0.02, 0.05)

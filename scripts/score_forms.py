@@ -43,11 +43,11 @@ import numpy as np
 
 from hwr_batch.classify import load_classifier, predict_proba, top_two
 from hwr_batch.evaluate import edit_distance
-from hwr_batch.layout import analyse_page
+from hwr_batch.layout import analyse_page, box_iou
 from hwr_batch.mnist import load_mnist
 from hwr_batch.normalise import to_mnist
 from hwr_batch.pipeline import FileReading, classify_readings, read_page
-from hwr_batch.synth import FormSpec, box_iou, make_form
+from hwr_batch.synth import FormSpec, make_form
 
 try:
     from hwr_batch.segment import choose_reading, segment_field, segment_field_candidates

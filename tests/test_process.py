@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from hwr_batch.export import read_tables
-from hwr_batch.synth import box_iou, write_forms
+from hwr_batch.layout import box_iou
+from hwr_batch.synth import write_forms
 
 FORMATS = ("png", "jpg", "tif-multi", "pdf", "tif-g4")
 

@@ -73,7 +73,7 @@ def save(url: str, field: dict, digits: str, status: str) -> int:
 
 def truth_digits(field: dict) -> str | None:
     """The true digits of a field of a generated page (None: it is no field of the page's truth)."""
-    from hwr_batch.synth import box_iou
+    from hwr_batch.layout import box_iou
 
     truth = json.loads(Path(field["file"]).with_suffix(".json").read_text())["fields"]
     iou, text = max(((box_iou(t["bbox"], field["box"]), t["text"]) for t in truth), default=(0.0, None))

@@ -9,10 +9,11 @@ from conftest import fixture_idx
 
 from hwr_batch import template as T
 from hwr_batch.classify import load_classifier
+from hwr_batch.layout import box_iou
 from hwr_batch.mnist import load_idx_pair
 from hwr_batch.read import FileReading, ReadSettings, read_page
 from hwr_batch.rows import classify_readings
-from hwr_batch.synth import box_iou, make_form_copies
+from hwr_batch.synth import make_form_copies
 
 
 @pytest.fixture(scope="module")
