@@ -161,10 +161,10 @@ class Options:
 
 
 def _file_sha256(path: Path) -> str:
-    import hashlib
+    from .state import hash_file
 
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hash_file(path)
     except OSError as e:
         raise BadArgsError(f"--template {path}: cannot read it ({e.strerror or e})") from None
 
