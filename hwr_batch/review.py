@@ -72,8 +72,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         raise DatasetError(f"{path}: cannot read ({e})") from None
 
 
-def load_fields(out: Path, *, include_all: bool = False) -> list[ReviewField]:
-    """The fields of a run folder to review: the flagged ones, or all with ``include_all``.
+def load_fields(out: Path) -> list[ReviewField]:
+    """Every field of a run folder that has a box (the page shows the flagged ones, or all with ``--all``).
 
     Columns are looked up by name, so fields.csv with or without a ``confidence`` column both work.
 
@@ -99,9 +99,6 @@ def load_fields(out: Path, *, include_all: bool = False) -> list[ReviewField]:
             )
     fields = []
     for index, row in enumerate(rows):
-        flagged = row["flagged"].strip().lower() == "true"
-        if not (flagged or include_all):
-            continue
         try:
             box = tuple(int(float(row[c])) for c in ("x", "y", "width", "height"))
             page, field = int(row["page"]), int(row["field"])
@@ -111,7 +108,7 @@ def load_fields(out: Path, *, include_all: bool = False) -> list[ReviewField]:
             index=index, file=row["file"], page=page, field=field, box=box,  # type: ignore[arg-type]
             digits=row["digits"].lstrip("'"),
             confidence=row.get("confidence") or row.get("min_confidence", ""),
-            flag_reason=row.get("flag_reason", ""), flagged=flagged,
+            flag_reason=row.get("flag_reason", ""), flagged=row["flagged"].strip().lower() == "true",
             digits_read=tuple(per_digit.get((row["file"], row["page"], row["field"]), ())),
         ))
     return fields
@@ -179,16 +176,16 @@ class ReviewStore:
 
     def _mirror(self, db, corrections: list[CorrectionRecord]) -> None:
         keys = [f.key for f in self.fields]
-        write_corrections_csv(self.out, keys, match_corrections(keys, corrections, self._content(db)))
+        write_corrections_csv(self.out, keys, match_corrections(keys, corrections, self._content(db, corrections)))
 
-    def _content(self, db) -> dict[bytes, str | None]:
-        return {**self._hashed, **content_hashes(db)}
+    def _content(self, db, corrections: list[CorrectionRecord]) -> dict[bytes, str | None]:
+        return {**self._hashed, **content_hashes(db, [c.path for c in corrections])}
 
     def reviews(self, fields: list[ReviewField]) -> list[CorrectionRecord | None]:
         """The saved review of each of ``fields`` (None: none)."""
         with open_state(self.database) as db:
             corrections = read_corrections(db)
-            return match_corrections([f.key for f in fields], corrections, self._content(db)) if corrections else [
+            return match_corrections([f.key for f in fields], corrections, self._content(db, corrections)) if corrections else [
                 None] * len(fields)
 
 
@@ -244,7 +241,7 @@ def create_app(out: Path, *, token: str, include_all: bool = False, state_dir: P
     """The Flask app serving the review page and its JSON API for the run folder ``out``."""
     from flask import Flask, abort, jsonify, request
 
-    every_field = load_fields(out, include_all=True)
+    every_field = load_fields(out)
     fields = [f for f in every_field if f.flagged or include_all]
     by_index = {f.index: f for f in fields}
     store = ReviewStore(out, every_field, state_dir=state_dir)

@@ -963,7 +963,6 @@ def _corrections(conn: sqlite3.Connection) -> list[CorrectionRecord]:
     ]
 
 
-def content_hashes(db: StateDB) -> dict[bytes, str | None]:
-    """The recorded SHA-256 of every file's content, by :func:`path_key`."""
-    with _errors(db):
-        return {bytes(key): sha for key, sha in db.conn.execute("SELECT path_key, sha256 FROM files")}
+def content_hashes(db: StateDB, paths: Sequence[Path]) -> dict[bytes, str | None]:
+    """The recorded SHA-256 of the content of each of ``paths`` (absolute) that has a record, by :func:`path_key`."""
+    return {key: record.sha256 for key, record in _records(db, list(dict.fromkeys(paths))).items()}

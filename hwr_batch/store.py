@@ -142,7 +142,7 @@ class ResultStore:
         """Write the tables as they are (sorted), atomically, the fields with the reviews that apply to them
         (and, if there are reviews, corrections.csv); the files written."""
         corrections = read_corrections(self.db)
-        content = {**content_hashes(self.db), **self.content_sha} if corrections else {}
+        content = {**content_hashes(self.db, [c.path for c in corrections]), **self.content_sha} if corrections else {}
         tables = {**self.tables, "fields": with_reviews(self.tables["fields"], corrections, content)}
         written = _write(tables, self.options)
         if corrections:  # under the database's write lock, so a review saved meanwhile is not lost from it
