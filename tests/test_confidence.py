@@ -3,11 +3,13 @@ calibration record, and ``--target-error`` through the real command line."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from hwr_batch.confidence import (
     FEATURES,
@@ -219,3 +221,19 @@ def test_ink_stepped_over_as_not_a_digit_is_flagged():
         units=cands.units, digit_height=30.0, joins=(),
     )
     assert hard_flags(speck, p, None, Reading(digits=[0, 1], rejected=[2])) == []  # a comma-sized speck
+
+
+def test_checked_labels_name_dev_cells_of_the_training_set_only(real_data_dir, monkeypatch):
+    """The labels put right by eye for the calibration fit are of danish_row_numbers_train's dev rows
+    (17,000 on), never of the measuring set, and each still names the label truth.csv gives it."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    calibrate = importlib.import_module("calibrate")
+    folder = real_data_dir / "danish_row_numbers_train"
+    dev = calibrate.real_rows(folder, calibrate.DANISH_DEV_FROM)
+    checked = pd.read_csv(calibrate.CHECKED_LABELS, dtype=str, keep_default_na=False)
+    assert set(checked["image"]) <= {r["image"] for r in dev}
+    fixed = calibrate.checked_rows(dev)  # raises if a "given" label no longer matches truth.csv
+    assert len(fixed) == len(dev) - int((checked["checked"] == "").sum())
+    changed = {r["image"]: r["digits"] for r in fixed}
+    for row in checked[checked["checked"] != ""].itertuples():
+        assert changed[row.image] == row.checked and row.checked.isdigit()
