@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -65,11 +65,17 @@ def to_frame(name: str, rows: list[dict], columns: list[str] | None = None) -> p
     return _typed(frame, name)
 
 
-def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Text columns as strings (the digit string "007" must not become 7), whole numbers as Int64.
+def _column_types(name: str, columns: Sequence[str]) -> tuple[Sequence[str], Sequence[str]]:
+    """(text columns, whole-number columns) of the table ``name`` with ``columns``: in a forms table every
+    column but ``page`` is text, whatever its field is named."""
+    if name in TABLE_COLUMNS:
+        return TEXT_COLUMNS, INTEGER_COLUMNS
+    return [c for c in columns if c != "page"], ("page",)
 
-    In a forms table every column but ``page`` is text, whatever its field is named."""
-    text, integers = (TEXT_COLUMNS, INTEGER_COLUMNS) if name in TABLE_COLUMNS else (frame.columns.drop("page"), ("page",))
+
+def _typed(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Text columns as strings (the digit string "007" must not become 7), whole numbers as Int64."""
+    text, integers = _column_types(name, list(frame.columns))
     for column in frame.columns:
         if column in text:
             frame[column] = frame[column].astype("string")
@@ -193,7 +199,7 @@ def read_tables(out_dir: Path, fmt: str = "csv", forms: Mapping[str, list[str]] 
     for name, path in paths.items():
         if not path.is_file():
             continue
-        text_columns = dict.fromkeys(TEXT_COLUMNS if name in TABLE_COLUMNS else [c for c in forms[name] if c != "page"], "string")
+        text_columns = dict.fromkeys(_column_types(name, forms.get(name, ()))[0], "string")
         cut_at = None
         try:
             if fmt == "xlsx":
