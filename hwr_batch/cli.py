@@ -189,15 +189,17 @@ def process(
         float,
         typer.Option(
             envvar="HWR_BATCH_TARGET_ERROR", metavar="E",
-            help="Accept a field (leave it unflagged) when its calibrated confidence says the chance that it is "
-            "wrong is under E (0.01: one accepted field in a hundred may be wrong); flag the rest, with the reason.",
+            help="The share of accepted (unflagged) fields that may be wrong: a field is accepted when its confidence "
+            "reaches the threshold at which, on the held-out fields the model's calibration record was fitted on, "
+            "that share of the accepted ones was wrong (0.01: about one accepted field in a hundred); the rest are "
+            "flagged, with the reason.",
         ),
     ] = DEFAULTS.target_error,
     min_confidence: Annotated[
         float | None,
         typer.Option(
             min=0.0, max=1.0, envvar="HWR_BATCH_MIN_CONFIDENCE", metavar="0..1",
-            help="Accept fields whose confidence is at least this, instead of 1 - --target-error.",
+            help="Accept fields whose confidence is at least this, instead of the --target-error threshold.",
         ),
     ] = DEFAULTS.min_confidence,
     include: Annotated[

@@ -9,8 +9,11 @@ more ink stepped over never raises it), and stored beside the model as ``<model>
 with the trees as an ONNX graph, run by ONNX Runtime like the digit model (``scripts/calibrate.py``
 fits it; ``hwr-batch learn`` refits it). Records of the first release (a logistic model) still load.
 
-A field is **accepted** (not flagged for review) when its confidence says the chance that it is wrong
-is under the target error, and no hard rule flags it:
+A field is **accepted** (not flagged for review) when its confidence reaches the record's threshold for
+the target error E, and no hard rule flags it. The threshold is the lowest confidence at which, on the
+fields the record was fitted on (each scored by a record fitted without it), the fields accepted were
+wrong at most E of the time: E is the error among accepted fields ("read rate at 1% error"), not a
+bound on each field. A record without that curve (a logistic one) accepts at ``1 - E``. The hard rules:
 
 - ``no_digits``: nothing was read;
 - ``rejected_piece``: a digit was read from a piece the model calls "not a digit" more than that digit;
@@ -180,6 +183,9 @@ class Calibration:
         mean, scale, coef, intercept: a logistic model on the standardised features (records of the
             first release; used when there are no trees).
         model_sha256: the digit model it was fitted for.
+        accept_curve: ``(threshold, error among accepted, share accepted)`` rows, thresholds falling: the
+            fit fields' out-of-fold confidences swept from the top (see :meth:`threshold`); empty in
+            records of the first release.
         fitted_on: what it was fitted on (sets and field counts), for the record.
         figures: what it measured (expected calibration error, accept rates), for the record.
     """
@@ -191,8 +197,21 @@ class Calibration:
     intercept: float = 0.0
     trees_onnx: str = ""
     model_sha256: str = ""
+    accept_curve: tuple[tuple[float, float, float], ...] = ()
     fitted_on: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
+
+    def threshold(self, target_error: float) -> float:
+        """The confidence a field needs to be accepted at ``target_error`` (the error among accepted fields).
+
+        The lowest threshold of :attr:`accept_curve` whose accepted fit fields were wrong at most
+        ``target_error`` of the time; 1.0 if none was (only a certain field is accepted); ``1 -
+        target_error`` for a record without a curve.
+        """
+        if not self.accept_curve:
+            return 1.0 - target_error
+        reached = [t for t, error, _ in self.accept_curve if error <= target_error]
+        return min(reached) if reached else 1.0
 
     @cached_property
     def _trees(self):
@@ -227,6 +246,7 @@ class Calibration:
             ValueError: not a calibration record for these features, or its trees do not load.
         """
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data["accept_curve"] = tuple(map(tuple, data.get("accept_curve", ())))
         record = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
         if record.features != FEATURES:
             raise ValueError(f"{path}: fitted on features {list(record.features)}, this version uses {list(FEATURES)}")
@@ -273,6 +293,15 @@ def field_confidence(calibration: Calibration | None, evidence: np.ndarray) -> f
     return float(calibration.confidence(evidence))
 
 
+def accept_threshold(calibration: Calibration | None, target_error: float = DEFAULT_TARGET_ERROR,
+                     min_confidence: float | None = None) -> float:
+    """The confidence a field needs to be accepted: ``min_confidence`` if given, else the record's
+    threshold for ``target_error`` (:meth:`Calibration.threshold`), else ``1 - target_error``."""
+    if min_confidence is not None:
+        return min_confidence
+    return calibration.threshold(target_error) if calibration is not None else 1.0 - target_error
+
+
 def review_reasons(confidence: float, threshold: float, hard: list[str]) -> list[str]:
     """Why a field is flagged (empty: accepted): the hard rules, then ``low_confidence`` under ``threshold``."""
     reasons = list(hard)
@@ -281,20 +310,41 @@ def review_reasons(confidence: float, threshold: float, hard: list[str]) -> list
     return reasons
 
 
-def fit_calibration(evidence: np.ndarray, right: np.ndarray, **record) -> Calibration:
+def fit_calibration(evidence: np.ndarray, right: np.ndarray, acceptable: np.ndarray | None = None,
+                    folds: int = 5, **record) -> Calibration:
     """Fit a :class:`Calibration` on fields' evidence and whether each was read right: LightGBM trees
     (binary log-loss, monotone as :data:`MONOTONE` says, leaves of at least 20-50 fields), converted
     to ONNX (onnxmltools). Needs the training extra (lightgbm, onnxmltools).
 
-    Deterministic: one thread, fixed seed. ``record`` goes into the result (``model_sha256``,
-    ``fitted_on``, ``figures``).
+    Its :attr:`~Calibration.accept_curve` comes from cross-fitting: each of ``folds`` parts of the
+    fields is scored by trees fitted on the others, and those out-of-fold confidences of the
+    ``acceptable`` fields (those no hard rule flags; default all) are swept from the top (``folds`` < 2:
+    no curve, and the record accepts at ``1 - E``). Deterministic: one thread, fixed seeds. ``record``
+    goes into the result (``model_sha256``, ``fitted_on``, ``figures``).
     """
-    import lightgbm
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
 
     x = np.asarray(evidence, np.float64)
-    y = np.asarray(right, bool).astype(np.float64)
+    y = np.asarray(right, bool)
+    booster = _fit_trees(x, y)
+    curve = ()
+    if folds >= 2:
+        out_of_fold = np.empty(len(y))
+        for part in np.array_split(np.random.default_rng(20261203).permutation(len(y)), folds):
+            rest = np.setdiff1d(np.arange(len(y)), part)
+            out_of_fold[part] = _fit_trees(x[rest], y[rest]).predict(x[part])
+        ok = np.ones(len(y), bool) if acceptable is None else np.asarray(acceptable, bool)
+        curve = accept_curve(out_of_fold[ok], y[ok], total=len(y))
+    graph = convert_lightgbm(booster, initial_types=[("evidence", FloatTensorType([None, len(FEATURES)]))],
+                             target_opset=15, zipmap=False)
+    return Calibration(features=FEATURES, trees_onnx=base64.b64encode(graph.SerializeToString()).decode("ascii"),
+                       accept_curve=curve, **record)
+
+
+def _fit_trees(x: np.ndarray, y: np.ndarray):
+    import lightgbm
+
     params = {
         "objective": "binary", "num_leaves": 15, "learning_rate": 0.05, "lambda_l2": 1.0,
         "min_child_samples": int(np.clip(len(y) // 100, 20, 50)),
@@ -302,11 +352,30 @@ def fit_calibration(evidence: np.ndarray, right: np.ndarray, **record) -> Calibr
         "monotone_constraints_method": "advanced",
         "num_threads": 1, "deterministic": True, "force_row_wise": True, "seed": 20261203, "verbose": -1,
     }
-    booster = lightgbm.train(params, lightgbm.Dataset(x, y, feature_name=list(FEATURES)), num_boost_round=300)
-    graph = convert_lightgbm(booster, initial_types=[("evidence", FloatTensorType([None, len(FEATURES)]))],
-                             target_opset=15, zipmap=False)
-    return Calibration(features=FEATURES, trees_onnx=base64.b64encode(graph.SerializeToString()).decode("ascii"),
-                       **record)
+    return lightgbm.train(params, lightgbm.Dataset(x, y.astype(np.float64), feature_name=list(FEATURES)),
+                          num_boost_round=300)
+
+
+def accept_curve(confidence: np.ndarray, right: np.ndarray, total: int | None = None,
+                 points: int = 200) -> tuple[tuple[float, float, float], ...]:
+    """``(threshold, error among accepted, share of ``total`` accepted)`` as a threshold falls through
+    ``confidence``, at about ``points`` thresholds (each the confidence of a field, so that every field
+    at or above it is counted), the last at the lowest confidence."""
+    confidence = np.asarray(confidence, np.float64)
+    right = np.asarray(right, bool)
+    if not len(confidence):
+        return ()
+    order = np.argsort(-confidence, kind="stable")
+    conf = confidence[order]
+    wrong = np.cumsum(~right[order])
+    # the last field of each run of equal confidences: a threshold accepts all of them or none
+    ends = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])
+    step = max(1, len(ends) // points)
+    chosen = np.unique(np.r_[ends[step - 1 :: step], ends[-1]])
+    total = total or len(confidence)
+    # thresholds rounded down, so that the field a threshold is taken from stays accepted
+    return tuple((float(np.floor(conf[i] * 1e6) / 1e6), round(float(wrong[i] / (i + 1)), 6), round((i + 1) / total, 6))
+                 for i in chosen)
 
 
 def reliability_bins(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> list[dict[str, float]]:

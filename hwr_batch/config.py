@@ -44,10 +44,10 @@ class Options:
         exclude: glob patterns of files or folders to skip.
         field_mode: ``"auto"``, ``"boxes"`` (only inside printed boxes), ``"lines"`` or ``"whole"``
             (each image is one field).
-        target_error: a field is accepted (not flagged for review) when its calibrated confidence says
-            the chance that its digits are wrong is under this, and no rule flags it.
-        min_confidence: an explicit confidence threshold instead of ``1 - target_error`` (None: from
-            the target).
+        target_error: the error rate among accepted fields (not flagged for review) to aim at: a field is
+            accepted when its confidence reaches the calibration record's threshold for it
+            (:func:`hwr_batch.confidence.accept_threshold`) and no rule flags it.
+        min_confidence: an explicit confidence threshold instead of the target's (None: from the target).
         pdf_dpi: resolution at which PDF pages are rendered.
         dpi: resolution of every scanned image, whatever its tag says; None: the tag, checked against
             the page's size (see :func:`hwr_batch.layout.choose_dpi`).
@@ -137,11 +137,6 @@ class Options:
             state_dir=Path(self.state_dir) if self.state_dir else Path(self.out_dir) / ".hwr-batch",
         )
 
-
-    @property
-    def accept_threshold(self) -> float:
-        """The field confidence a field needs to be accepted: ``min_confidence``, else ``1 - target_error``."""
-        return self.min_confidence if self.min_confidence is not None else 1.0 - self.target_error
 
     def result_settings(self) -> dict[str, object]:
         """The options that change what is read from a file (not how fast, nor where it goes), by name."""

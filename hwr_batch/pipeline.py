@@ -25,6 +25,7 @@ from .annotate import annotate_files
 from .atomic import check_writable, remove_stale_temp_files
 from .classify import Classifier, load_classifier
 from .cluster import check_workers, connect, iter_cluster_readings, require_dask
+from .confidence import accept_threshold
 from .config import Options
 from .errors import BadArgsError, ExitCode, HwrError, InputFileError, OutputError
 from .export import empty_tables, read_tables
@@ -186,6 +187,7 @@ def run_batch(
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
         classifier = load_classifier(options.model)
+        _log_threshold(classifier, options)
         client = None
         if options.dask:  # the workers read the files: before any work, check they can (see cluster.py)
             client = stack.enter_context(connect(options.dask))
@@ -432,6 +434,20 @@ def _until(paths: list[Path], should_stop: Callable[[], bool], report: BatchRepo
         yield path
 
 
+def _log_threshold(classifier: Classifier, options: Options) -> None:
+    threshold = accept_threshold(classifier.calibration, options.target_error, options.min_confidence)
+    if options.min_confidence is not None:
+        source = "--min-confidence"
+    elif classifier.calibration is not None and classifier.calibration.accept_curve:
+        source = f"the calibration record's threshold for {options.target_error:.1%} error among accepted fields"
+    else:
+        source = f"1 - --target-error {options.target_error:g}: the calibration record has no accept curve"
+    log.info("fields are accepted at confidence >= %.4f (%s)", threshold, source)
+    if threshold >= 1.0 and options.min_confidence is None:
+        log.warning("--target-error %g: the calibration record never reached so low an error among accepted "
+                    "fields, so (nearly) every field will be flagged for review", options.target_error)
+
+
 def _classify_batch(
     readings: list[FileReading],
     store: ResultStore,
@@ -447,11 +463,12 @@ def _classify_batch(
     if not readings:
         return
     good = [r for r in readings if r.error is None]
-    digit_rows, field_rows, seconds = classify_readings(good, classifier, threshold=options.accept_threshold)
+    threshold = accept_threshold(classifier.calibration, options.target_error, options.min_confidence)
+    digit_rows, field_rows, seconds = classify_readings(good, classifier, threshold=threshold)
     report.stage_seconds["classify"] += seconds
     forms, unregistered = {}, []
     if templates:
-        forms, unregistered, seconds = process_form_rows(good, templates, classifier, threshold=options.accept_threshold)
+        forms, unregistered, seconds = process_form_rows(good, templates, classifier, threshold=threshold)
         report.stage_seconds["classify"] += seconds
         report.unregistered_pages += len(unregistered)
     for r in readings:

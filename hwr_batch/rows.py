@@ -10,7 +10,7 @@ import numpy as np
 
 from .classify import Classifier, Predictions, predict_scores, top_two
 from .confidence import (
-    DEFAULT_TARGET_ERROR,
+    accept_threshold,
     field_confidence,
     field_evidence,
     hard_flags,
@@ -49,14 +49,17 @@ def judge_readings(
     readings: list[FileReading],
     classifier: Classifier,
     *,
-    threshold: float = 1 - DEFAULT_TARGET_ERROR,
+    threshold: float | None = None,
 ) -> tuple[list[FieldResult], float]:
     """Classify the candidates of many files in one call, pick each field's reading and judge it
-    (its confidence from the classifier's calibration record; a field under ``threshold`` is flagged).
+    (its confidence from the classifier's calibration record; a field under ``threshold`` is flagged;
+    None: the record's threshold at the default target error, see :func:`~hwr_batch.confidence.accept_threshold`).
 
     Returns:
         (one result per field, in file, page and field order; seconds spent in the model).
     """
+    if threshold is None:
+        threshold = accept_threshold(classifier.calibration)
     started = time.perf_counter()
     probabilities, reject_probabilities = score_readings(readings, classifier)
     seconds = time.perf_counter() - started
@@ -85,7 +88,7 @@ def classify_readings(
     readings: list[FileReading],
     classifier: Classifier,
     *,
-    threshold: float = 1 - DEFAULT_TARGET_ERROR,
+    threshold: float | None = None,
 ) -> tuple[list[dict], list[dict], float]:
     """:func:`judge_readings`, as table rows.
 
@@ -94,6 +97,8 @@ def classify_readings(
     Returns:
         (digit rows, field rows, seconds spent in the model).
     """
+    if threshold is None:
+        threshold = accept_threshold(classifier.calibration)
     results, seconds = judge_readings(readings, classifier, threshold=threshold)
     labels = classifier.labels
     digit_rows: list[dict] = []

@@ -191,12 +191,13 @@ def recalibrated(units: list[Unit], calibration: Calibration) -> list[Unit]:
 # ------------------------------------------------------------------------------------------- figures
 
 
-def flag_figures(units: list[Unit], target: float) -> dict[str, float]:
-    accepted = np.array([not review_reasons(u.confidence, 1 - target, list(u.hard)) for u in units])
+def flag_figures(units: list[Unit], target: float, record: Calibration) -> dict[str, float]:
+    threshold = record.threshold(target)
+    accepted = np.array([not review_reasons(u.confidence, threshold, list(u.hard)) for u in units])
     right = np.array([u.right for u in units])
     n_acc = int(accepted.sum())
     return {
-        "target_error": target, "units": len(units), "accepted": n_acc,
+        "target_error": target, "threshold": threshold, "units": len(units), "accepted": n_acc,
         "accept_rate": n_acc / max(1, len(units)),
         "error_among_accepted": float((~right[accepted]).mean()) if n_acc else 0.0,
         "wrong_flagged": float((~accepted & ~right).sum() / max(1, (~right).sum())),
@@ -265,9 +266,11 @@ def plot(measured: dict[str, dict[str, list[Unit]]], out_dir: Path, stem: str) -
 # ------------------------------------------------------------------------------------------- main
 
 
-def fit_units(units: list[Unit]) -> tuple[np.ndarray, np.ndarray]:
+def fit_units(units: list[Unit]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The evidence, rightness and acceptability (no hard flag) of the units read from one field."""
     usable = [u for u in units if len(u.evidence) == 1 and "no_digits" not in u.hard]
-    return np.stack([u.evidence[0] for u in usable]), np.array([u.right for u in usable])
+    return (np.stack([u.evidence[0] for u in usable]), np.array([u.right for u in usable]),
+            np.array([not u.hard for u in usable]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         classifier = load_classifier(model_path)
         fit_sets = {n: real_units(n, classifier, items) for n, items in fit_real.items()}
         fit_sets |= {n: form_units(n, classifier, items) for n, items in fit_forms.items()}
-        x, y = map(np.concatenate, zip(*(fit_units(u) for u in fit_sets.values())))
+        x, y, acceptable = map(np.concatenate, zip(*(fit_units(u) for u in fit_sets.values())))
         record = fit_calibration(
-            x, y, model_sha256=classifier.sha256,
+            x, y, acceptable, model_sha256=classifier.sha256,
             fitted_on={n: len(u) for n, u in fit_sets.items()} | {"fields_fitted": len(y)},
         )
         sets = {n: recalibrated(real_units(n, classifier, items), record) for n, items in measure_real.items()}
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {
             n: {"exact": float(np.mean([u.right for u in units])),
                 "ece": expected_calibration_error([u.confidence for u in units], [u.right for u in units]),
-                "targets": [flag_figures(units, t) for t in TARGETS],
+                "targets": [flag_figures(units, t, record) for t in TARGETS],
                 "reliability": reliability(units)}
             for n, units in sets.items()
         }
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, f in figures.items():
             print(f"  {n:8s} exact {f['exact']:.2%}  ECE {f['ece']:.3f}")
             for t in f["targets"]:
-                print(f"    E={t['target_error']:.1%}: accepted {t['accept_rate']:.1%} ({t['accepted']}/{t['units']}), "
+                print(f"    E={t['target_error']:.1%} (confidence >= {t['threshold']:.4f}): accepted {t['accept_rate']:.1%} ({t['accepted']}/{t['units']}), "
                       f"error among accepted {t['error_among_accepted']:.2%}, wrong flagged {t['wrong_flagged']:.1%}")
         if args.write and model_path == args.model:
             record.save(calibration_path(model_path))

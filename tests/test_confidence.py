@@ -15,6 +15,8 @@ from hwr_batch.confidence import (
     FEATURES,
     MONOTONE,
     Calibration,
+    accept_curve,
+    accept_threshold,
     calibration_path,
     expected_calibration_error,
     field_evidence,
@@ -122,9 +124,34 @@ def test_fitted_calibration_is_calibrated_on_new_fields(tmp_path):
     assert again == record and np.allclose(again.confidence(x2), confidence)
 
 
+def test_the_threshold_for_a_target_error_holds_that_error_among_accepted_new_fields():
+    x, right = synthetic_fields(6000, seed=1)
+    record = fit_calibration(x, right)
+    x2, right2 = synthetic_fields(20000, seed=2)
+    confidence = record.confidence(x2)
+    for target in (0.02, 0.05, 0.1):
+        threshold = record.threshold(target)
+        accepted = confidence >= threshold
+        assert (~right2[accepted]).mean() == pytest.approx(target, rel=0.3), target
+        # a per-field bound (accept at 1 - E) would accept fewer, at an error well under E
+        assert accepted.mean() > (confidence >= 1 - target).mean()
+    assert accept_threshold(record, 0.05) == record.threshold(0.05)
+    assert accept_threshold(record, 0.05, min_confidence=0.7) == 0.7
+    assert accept_threshold(None, 0.05) == pytest.approx(0.95)
+
+
+def test_accept_curve_counts_tied_confidences_together():
+    curve = accept_curve(np.array([0.7, 0.9, 0.8, 0.8]), np.array([True, True, False, True]))
+    assert curve == ((0.9, 0.0, 0.25), (0.8, pytest.approx(1 / 3, abs=1e-6), 0.75), (0.7, 0.25, 1.0))
+    record = Calibration(features=FEATURES, accept_curve=curve)
+    assert record.threshold(0.3) == 0.7 and record.threshold(0.2) == 0.9 and record.threshold(0.0) == 0.9
+    assert Calibration(features=FEATURES, accept_curve=((0.9, 0.1, 0.5),)).threshold(0.01) == 1.0  # never reached
+    assert Calibration(features=FEATURES).threshold(0.01) == pytest.approx(0.99)  # no curve: per field
+
+
 def test_the_fitted_confidence_is_monotone_where_the_direction_is_known():
     x, right = synthetic_fields(3000, seed=4)
-    record = fit_calibration(x, right)
+    record = fit_calibration(x, right, folds=0)
     probe = np.random.default_rng(5).normal(size=(200, len(FEATURES)))
     for name, direction in MONOTONE.items():
         if direction:
@@ -149,7 +176,7 @@ def test_a_logistic_record_of_the_first_release_still_loads(tmp_path):
 
 def test_a_record_for_other_features_or_a_broken_one_is_not_used(tmp_path, caplog):
     model = tmp_path / "m.onnx"
-    record = fit_calibration(*synthetic_fields(500, seed=3))
+    record = fit_calibration(*synthetic_fields(500, seed=3), folds=0)
     data = json.loads(json.dumps(record.__dict__, default=list))
     data["features"] = ["something", "else"]
     calibration_path(model).write_text(json.dumps(data))
@@ -174,9 +201,12 @@ def test_shipped_record_belongs_to_the_shipped_model(shipped_model):
     assert classifier.calibration is not None, "models/ ships a calibration record beside the model"
     assert classifier.calibration.model_sha256 == classifier.sha256
     assert classifier.calibration.figures, "the record carries the figures it was measured at"
+    curve = np.array(classifier.calibration.accept_curve)
+    assert len(curve) > 100 and (np.diff(curve[:, 0]) < 0).all() and (np.diff(curve[:, 2]) > 0).all()
+    assert 0.9 < classifier.calibration.threshold(0.01) <= 1.0
 
 
-def test_target_error_sets_how_much_is_accepted(cli, tmp_path, mnist_test_small):
+def test_target_error_sets_how_much_is_accepted(cli, tmp_path, mnist_test_small, shipped_model):
     from hwr_batch.synth import write_forms
 
     write_forms(tmp_path / "in", 2, seed=5, digits=mnist_test_small, formats=("png",), dpi=250)
@@ -191,16 +221,19 @@ def test_target_error_sets_how_much_is_accepted(cli, tmp_path, mnist_test_small)
         assert report["flagged_fields"] == runs[target]["flagged"].sum()
         assert report["accepted_fields"] == (~runs[target]["flagged"]).sum()
     loose, strict = runs["0.5"], runs["0.001"]
+    record = Calibration.load(calibration_path(shipped_model))
+    thresholds = {0.5: record.threshold(0.5), 0.001: record.threshold(0.001)}
+    assert thresholds[0.5] < thresholds[0.001]
     assert (loose["confidence"] == strict["confidence"]).all()  # the confidence does not depend on the target
     assert loose["confidence"].between(0, 1).all()
     assert (~loose["flagged"]).sum() > (~strict["flagged"]).sum()
     for table, target in ((loose, 0.5), (strict, 0.001)):
         accepted = table[~table["flagged"]]
-        assert (accepted["confidence"] >= 1 - target).all() and (accepted["flag_reason"] == "").all()
+        assert (accepted["confidence"] >= thresholds[target] - 1e-4).all() and (accepted["flag_reason"] == "").all()
         flagged = table[table["flagged"]]
         assert (flagged["flag_reason"] != "").all()
         low = flagged["flag_reason"].str.contains("low_confidence")
-        assert (flagged.loc[low, "confidence"] < 1 - target).all()
+        assert (flagged.loc[low, "confidence"] < thresholds[target] + 1e-4).all()
     for hard in ("rejected_piece", "count_mismatch", "no_digits"):
         assert not loose.loc[~loose["flagged"], "flag_reason"].str.contains(hard).any()
 
