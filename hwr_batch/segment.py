@@ -613,7 +613,7 @@ def _select_digit_components(
         return []
     # Fields are cut around their content: ink near the middle counts more (printed captions, neighbours'
     # strokes and ruling rests sit near the edges).
-    weights = np.array([c.area * _centrality(c, shape) for c in big], float)
+    weights = np.array([c.area * _centrality(c, shape) * min(1.0, c.h / height) ** 2 for c in big], float)
     # The text line: the band around the weighted median vertical centre.
     centres = np.array([c.y + c.h / 2 for c in big])
     order = np.argsort(centres)

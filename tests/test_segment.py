@@ -231,3 +231,15 @@ def test_real_scans_accuracy(real_data_dir, name, first_row, minimum):
     strings = _read_strings(folder, rows, model)
     accuracy = float(np.mean([s == r["digits"] for s, r in zip(strings, rows)]))
     assert accuracy >= minimum, f"{name}: {accuracy:.2f} exact match over {len(rows)} fields"
+
+
+def test_a_line_of_small_printed_text_does_not_outweigh_the_handwritten_digit():
+    # A register cell as scanned: one handwritten digit high up, the form's bold printed footer at the
+    # bottom (letters half the digit's height, more ink in all than the digit). The digit is the field's
+    # biggest mark, so its line is the one read (the footer used to be read as "20" or "222").
+    img = paper(190, 120)
+    draw_seven(img, 50, 42, h=20, thickness=2)
+    cv2.putText(img, "Trykt for", (30, 170), cv2.FONT_HERSHEY_SIMPLEX, 0.4, INK, 2, cv2.LINE_AA)
+    cands = segment_field_candidates(img)
+    assert cands.pieces
+    assert all(p.bbox[1] + p.bbox[3] < 100 for p in cands.pieces), [p.bbox for p in cands.pieces]
