@@ -214,11 +214,11 @@ def _read_form_page(
     template, registration = fit
     upright = to_template_frame(gray, template, registration)
     seconds["layout"] += time.perf_counter() - started
-    pages.append(_read_page(upright, index, template.dpi, _BOXES, images, seconds))
+    pages.append(_read_page(upright, index, template.dpi, TEMPLATE_ZONES, images, seconds))
     return template.name
 
 
-_BOXES = ReadSettings(field_mode="boxes")  # how a registered page's zones are read
+TEMPLATE_ZONES = ReadSettings(field_mode="boxes")  # how a page registered to a template is read
 
 
 def _failed_page(stage: str, reason: str, pages_read: int) -> int | None:

@@ -265,12 +265,11 @@ def read_zones(upright: np.ndarray, template: Template, classifier, *, threshold
     """
     from pathlib import PurePath
 
-    from .read import FileReading, ReadSettings, read_page
+    from .read import TEMPLATE_ZONES, FileReading, read_page
     from .rows import classify_readings
 
-    page, images = read_page(upright, dpi=template.dpi, settings=ReadSettings(field_mode="boxes"))
-    kwargs = {} if threshold is None else {"threshold": threshold}
-    _, rows, _ = classify_readings([FileReading(PurePath("page"), [page], images)], classifier, **kwargs)
+    page, images = read_page(upright, dpi=template.dpi, settings=TEMPLATE_ZONES)
+    _, rows, _ = classify_readings([FileReading(PurePath("page"), [page], images)], classifier, threshold=threshold)
     return zone_values(template, rows)
 
 
