@@ -47,13 +47,14 @@ FEATURES = (
     "digits",  # how many digits were read
     "widest",  # widest piece read, in digit heights
     "dropped",  # width stepped over as "not a digit", in digit heights
+    "left_out",  # the biggest mark of the field its reading left out, in median digits' ink
 )
 _CAP = 20.0  # log-ratios beyond this say nothing more (and keep the features finite)
 # The direction the confidence must move in as each feature grows (+1 up, -1 down, 0 free): the trees may
 # learn any shape, but never that a surer digit or a wider margin makes a field less likely right.
 MONOTONE = {
     "log_p_sum": 1, "log_p_min": 1, "label_gap_min": 1, "margin": 1,
-    "reject_max": -1, "digits": 0, "widest": 0, "dropped": -1,
+    "reject_max": -1, "digits": 0, "widest": 0, "dropped": -1, "left_out": -1,
 }
 
 # Flag reasons, in the order they are listed.
@@ -93,6 +94,7 @@ def field_evidence(
         if reject_probabilities is not None:
             values["reject_max"] = float(np.asarray(reject_probabilities)[chosen].max())
         values["dropped"] = dropped_width(cands, reading)
+        values["left_out"] = min(cands.left_out, _CAP)
     return np.array([values[name] for name in FEATURES], np.float64)
 
 
@@ -177,7 +179,9 @@ class Calibration:
     """A fitted map from a field's evidence to the probability that its reading is right.
 
     Attributes:
-        features: names of the features, as :data:`FEATURES` (a record fitted on others is refused).
+        features: names of the features it was fitted on, each one of :data:`FEATURES` (a record of an
+            earlier release, fitted on fewer, reads its own columns of the evidence; one naming a feature
+            this version does not compute is refused).
         trees_onnx: the boosted trees as an ONNX model (base64; input ``evidence`` (n, features)
             float32, output ``probabilities`` (n, 2)); empty in a logistic record.
         mean, scale, coef, intercept: a logistic model on the standardised features (records of the
@@ -214,6 +218,10 @@ class Calibration:
         return min(reached) if reached else 1.0
 
     @cached_property
+    def _columns(self) -> list[int]:
+        return [FEATURES.index(name) for name in self.features]
+
+    @cached_property
     def _trees(self):
         import onnxruntime as ort
 
@@ -223,8 +231,8 @@ class Calibration:
         return ort.InferenceSession(base64.b64decode(self.trees_onnx), options, providers=["CPUExecutionProvider"])
 
     def confidence(self, evidence: np.ndarray) -> np.ndarray:
-        """P(reading right) for (n, len(features)) evidence (or one field's (len(features),))."""
-        x = np.asarray(evidence, np.float64)
+        """P(reading right) for (n, len(FEATURES)) evidence (or one field's (len(FEATURES),))."""
+        x = np.asarray(evidence, np.float64)[..., self._columns]
         if self.trees_onnx:
             (p,) = self._trees.run(["probabilities"], {"evidence": np.atleast_2d(x).astype(np.float32)})
             return p[:, 1].astype(np.float64) if x.ndim == 2 else float(p[0, 1])
@@ -248,8 +256,9 @@ class Calibration:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         data["accept_curve"] = tuple(map(tuple, data.get("accept_curve", ())))
         record = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-        if record.features != FEATURES:
-            raise ValueError(f"{path}: fitted on features {list(record.features)}, this version uses {list(FEATURES)}")
+        unknown = [name for name in record.features if name not in FEATURES]
+        if unknown or not record.features:
+            raise ValueError(f"{path}: fitted on features {list(record.features)}, this version computes {list(FEATURES)}")
         if record.trees_onnx:
             from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
 
@@ -257,8 +266,8 @@ class Calibration:
                 record._trees  # noqa: B018 - parse now, so that a broken record is refused at load
             except (ValueError, Fail, InvalidGraph, InvalidProtobuf) as e:  # base64 errors are ValueErrors
                 raise ValueError(f"{path}: its trees do not load ({e})") from None
-        elif len(record.coef) != len(FEATURES):
-            raise ValueError(f"{path}: neither trees nor a logistic model for {len(FEATURES)} features")
+        elif len(record.coef) != len(record.features):
+            raise ValueError(f"{path}: neither trees nor a logistic model for {len(record.features)} features")
         return record
 
 

@@ -81,12 +81,17 @@ class FieldCandidates:
         joins: (first_unit, last_unit, piece_index): a candidate digit made of two neighbouring units
             (a digit drawn in two strokes, such as a 5 whose top stands apart); a reading may take it
             in place of both units' own paths.
+        left_out: the biggest mark of the field left out of its candidates (too short for a digit, in
+            another line or another cluster of ink), in ink relative to the median candidate mark's; 0 if
+            none. A digit left out this way (a small one, one drawn apart) never reaches the model, so
+            nothing else says that it is missing.
     """
 
     pieces: tuple[DigitCrop, ...]
     units: tuple[Unit, ...]
     digit_height: float
     joins: tuple[tuple[int, int, int], ...] = ()
+    left_out: float = 0.0
 
     def default_reading(self) -> list[int]:
         """Piece indices of the shape-only reading, left to right."""
@@ -217,7 +222,7 @@ def segment_field_candidates(
     if not comps:
         return empty
     height = _digit_height(comps, gray.shape)
-    comps = _select_digit_components(comps, height, gray.shape, min_height=min_height, line_gap=line_gap)
+    comps, left_out = _select_digit_components(comps, height, gray.shape, min_height=min_height, line_gap=line_gap)
     if not comps:
         return empty
     labels = cv2.connectedComponents(mask, connectivity=8)[1]
@@ -235,7 +240,7 @@ def segment_field_candidates(
     for group in groups:
         units.append(_unit_candidates(group, labels, darkness, offsets, height, pieces, max_span=max_span))
     joins = _join_candidates(groups, labels, darkness, offsets, height, pieces)
-    return FieldCandidates(tuple(pieces), tuple(units), float(height), tuple(joins))
+    return FieldCandidates(tuple(pieces), tuple(units), float(height), tuple(joins), left_out)
 
 
 def choose_reading(
@@ -604,13 +609,17 @@ def _digit_height(comps: list[_Comp], shape: tuple[int, int]) -> float:
 
 def _select_digit_components(
     comps: list[_Comp], height: float, shape: tuple[int, int], *, min_height: float, line_gap: float
-) -> list[_Comp]:
-    """Drop non-digit marks and stray ink; keep the main text line's components."""
+) -> tuple[list[_Comp], float]:
+    """Drop non-digit marks and stray ink; keep the main text line's components.
+
+    Returns:
+        (the components kept, the biggest one left out, as ``FieldCandidates.left_out`` measures it).
+    """
     big = [c for c in comps if c.h >= min_height * height and c.area >= max(6, 0.02 * height * height)]
     # Dashes, underlines and their rests: long and flat.
     big = [c for c in big if not (c.w >= 2.5 * c.h and c.h < 0.5 * height)]
     if not big:
-        return []
+        return [], 0.0
     # Fields are cut around their content: ink near the middle counts more (printed captions, neighbours'
     # strokes and ruling rests sit near the edges).
     weights = np.array([c.area * _centrality(c, shape) * min(1.0, c.h / height) ** 2 for c in big], float)
@@ -620,7 +629,7 @@ def _select_digit_components(
     mid = centres[order][np.searchsorted(np.cumsum(weights[order]), 0.5 * weights.sum())]
     band = [(c, wt) for c, wt in zip(big, weights) if abs(c.y + c.h / 2 - mid) <= 0.6 * height]
     if not band:
-        return []
+        return [], 0.0
     # Horizontal clusters separated by wide gaps; keep the one with the most (weighted) ink.
     band.sort(key=lambda cw: cw[0].x)
     clusters: list[list[tuple[_Comp, float]]] = [[band[0]]]
@@ -630,8 +639,15 @@ def _select_digit_components(
             clusters.append([])
         clusters[-1].append((c, wt))
         right = max(right, c.x + c.w)
-    best = max(clusters, key=lambda cl: sum(wt for _, wt in cl))
-    return [c for c, _ in best]
+    best = [c for c, _ in max(clusters, key=lambda cl: sum(wt for _, wt in cl))]
+    return best, _left_out(comps, best)
+
+
+def _left_out(comps: list[_Comp], kept: list[_Comp]) -> float:
+    """The ink of the biggest of ``comps`` not ``kept``, over the median ink of the kept ones."""
+    chosen = {c.label for c in kept}
+    out = [c.area for c in comps if c.label not in chosen]
+    return float(max(out) / max(np.median([c.area for c in kept]), 1.0)) if out else 0.0
 
 
 def _centrality(c: _Comp, shape: tuple[int, int]) -> float:

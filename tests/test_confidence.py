@@ -162,16 +162,21 @@ def test_the_fitted_confidence_is_monotone_where_the_direction_is_known():
 
 
 def test_a_logistic_record_of_the_first_release_still_loads(tmp_path):
+    # fitted before "left_out" was computed: it reads its own columns of today's evidence
     path = tmp_path / "m.calibration.json"
-    n = len(FEATURES)
+    earlier = [name for name in FEATURES if name != "left_out"]
+    n = len(earlier)
     path.write_text(json.dumps({
-        "features": list(FEATURES), "mean": [0.0] * n, "scale": [1.0] * n, "coef": [1.0] + [0.0] * (n - 1),
+        "features": earlier, "mean": [0.0] * n, "scale": [1.0] * n, "coef": [0.0] * (n - 1) + [1.0],
         "intercept": 0.0, "model_sha256": "", "fitted_on": {}, "figures": {},
     }))
     record = Calibration.load(path)
     assert not record.trees_onnx
-    assert record.confidence(np.zeros(n)) == pytest.approx(0.5)
-    assert record.confidence(np.eye(n)[:1] * 2) == pytest.approx([1 / (1 + np.exp(-2))])
+    evidence = np.zeros(len(FEATURES))
+    evidence[FEATURES.index("left_out")] = 5.0  # not one of its features: no effect
+    assert record.confidence(evidence) == pytest.approx(0.5)
+    evidence[FEATURES.index(earlier[-1])] = 2.0
+    assert record.confidence(evidence[None]) == pytest.approx([1 / (1 + np.exp(-2))])
 
 
 def test_a_record_for_other_features_or_a_broken_one_is_not_used(tmp_path, caplog):

@@ -243,3 +243,20 @@ def test_a_line_of_small_printed_text_does_not_outweigh_the_handwritten_digit():
     cands = segment_field_candidates(img)
     assert cands.pieces
     assert all(p.bbox[1] + p.bbox[3] < 100 for p in cands.pieces), [p.bbox for p in cands.pieces]
+
+
+def test_a_digit_too_small_to_be_read_is_measured_as_left_out():
+    # "107" with the 0 written at a quarter of the others' height: it is dropped as a speck would be, and
+    # nothing the model sees says a digit is missing, so the candidates say how much ink was left out.
+    img = paper()
+    draw_one(img, 30, 12)
+    draw_zero(img, 62, 42, rx=4, ry=4, thickness=2)
+    draw_seven(img, 100, 12)
+    cands = segment_field_candidates(img)
+    assert len(cands.default_reading()) == 2
+    assert cands.left_out > 0.2, cands.left_out
+    clean = paper()
+    draw_one(clean, 30, 12)
+    draw_zero(clean, 70, 29)
+    draw_seven(clean, 100, 12)
+    assert segment_field_candidates(clean).left_out == 0.0
