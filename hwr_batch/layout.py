@@ -359,7 +359,7 @@ def _find_boxes(
                 continue
             holes.setdefault(parent, []).append((x, y, w, h))
     out = []
-    for cells in holes.values():
+    for parent, cells in holes.items():
         # Split a frame's holes into rows; a row of >= 2 cells is a comb.
         cells.sort(key=lambda b: (b[1], b[0]))
         rows: list[list[tuple[int, int, int, int]]] = []
@@ -371,14 +371,49 @@ def _find_boxes(
                     break
             else:
                 rows.append([b])
+        frame = cv2.boundingRect(contours[parent])
         for row in rows:
             row.sort(key=lambda b: b[0])
+            if len(rows) == 1:
+                row = _recover_end_cells(row, frame)
             x0 = row[0][0]
             y0 = min(b[1] for b in row)
             x1 = max(b[0] + b[2] for b in row)
             y1 = max(b[1] + b[3] for b in row)
             out.append(((x0, y0, x1 - x0, y1 - y0), row if len(row) > 1 else []))
     return out
+
+
+def _recover_end_cells(
+    row: list[tuple[int, int, int, int]], frame: tuple[int, int, int, int]
+) -> list[tuple[int, int, int, int]]:
+    """Give a comb back an end cell that a digit hid from the line grid.
+
+    A thick digit that touches a comb's side and separator can break its cell's hole into pieces that
+    are not ruled on four sides, and the cell (with its digit) would be lost. The frame's outline still
+    spans it: where the frame reaches past the first or last hole by about a cell, that hole is
+    widened to the frame's inner edge.
+    """
+    fx, fy, fw, fh = frame
+    y0, y1 = min(b[1] for b in row), max(b[1] + b[3] for b in row)
+    border = max(1, y0 - fy)  # the frame line's width, as the grid drew it
+    if fh > (y1 - y0) + 4 * border + 4:  # not a single row of cells
+        return row
+    pitch = float(np.median([b[2] for b in row]))
+    row = list(row)
+    x, y, w, h = row[0]
+    inner_left = fx + border
+    if 0.8 * pitch <= x - inner_left <= 1.6 * pitch:  # a whole cell: its separator stands before the hole
+        row.insert(0, (inner_left, y, x - border - inner_left, h))
+    elif 0.3 * pitch < x - inner_left:  # part of the cell: the hole is what is left of it
+        row[0] = (inner_left, y, x + w - inner_left, h)
+    x, y, w, h = row[-1]
+    inner_right = fx + fw - border
+    if 0.8 * pitch <= inner_right - (x + w) <= 1.6 * pitch:
+        row.append((x + w + border, y, inner_right - (x + w + border), h))
+    elif 0.3 * pitch < inner_right - (x + w) < 0.8 * pitch:
+        row[-1] = (x, y, inner_right - x, h)
+    return row
 
 
 def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float, seps: list[int] = ()) -> tuple[np.ndarray, list[int]]:

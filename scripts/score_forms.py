@@ -109,7 +109,7 @@ def _truth_cuts(field, truth: dict) -> list[np.ndarray]:
 
 def pages_generated(args) -> Iterator[tuple[str, np.ndarray, dict]]:
     data_dir = args.data_dir or os.environ.get("HWR_BATCH_MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist"
-    digits = load_mnist("test", Path(data_dir))
+    digits = load_mnist(args.split, Path(data_dir))
     lo, hi = args.dpi
     for k in range(1, args.pages + 1):
         rng = np.random.default_rng([args.seed, k])
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--style", choices=("boxes", "lines"), default="boxes")
     p.add_argument("--in", dest="in_dir", type=Path, help="score pages written by hwr_batch.synth instead")
     p.add_argument("--data-dir", type=Path)
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="MNIST digits to write the pages with: test (the measuring figures) or train (a tuning set "
+                   "whose digits the model knows, so that what fails is mostly segmentation)")
     p.add_argument("--model", type=Path)
     p.add_argument("--mode", default="auto", choices=("auto", "boxes", "lines"))
     p.add_argument("--cuts", default="product", choices=("product", "shape", "model", "truth"),
