@@ -135,6 +135,10 @@ DIGIT_BONUS = -0.5
 REJECT_COST = 6.0
 JOIN_GAP = 0.25  # neighbouring units closer than this many digit heights may be one digit in two strokes
 JOIN_WIDTH = 1.1  # ... if together they are at most this many digit heights wide
+# ... and a joined candidate read as a digit pays this: with DIGIT_BONUS below zero a reading of fewer
+# digits saves a bonus, so without it a slim 1 beside a digit it nearly touches was swallowed by the
+# join, which still reads as the other digit ("70167" read "7067"). Chosen on the tuning sets (model card).
+JOIN_PENALTY = 1.0
 ASPECT_PENALTY = 3.0  # penalty per digit height of width beyond WIDE_LIMIT (and of height below 0.35)
 WIDE_LIMIT = 0.9  # candidates wider than this many digit heights are probably two digits
 SLIM_LIMIT = 0.3  # candidates narrower than this share of their height are slim ...
@@ -335,6 +339,9 @@ def span_scores(
     height = max(cands.digit_height, 1.0)
     shape = np.array([-ASPECT_PENALTY * _aspect_misfit(piece.bbox, height) for piece in cands.pieces])
     slim = np.array([piece.bbox[2] < SLIM_LIMIT * piece.bbox[3] for piece in cands.pieces])
+    joined = np.zeros(len(cands.pieces), bool)
+    joined[[index for _, _, index in cands.joins]] = True
+    shape = shape - JOIN_PENALTY * joined
     scores = []
     for rank in (0, 1):
         label = order[:, rank] if probs.shape[1] > rank else order[:, 0]

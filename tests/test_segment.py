@@ -260,3 +260,25 @@ def test_a_digit_too_small_to_be_read_is_measured_as_left_out():
     draw_zero(clean, 70, 29)
     draw_seven(clean, 100, 12)
     assert segment_field_candidates(clean).left_out == 0.0
+
+
+@pytest.mark.parametrize("second", ["zero", "one"])
+def test_a_slim_one_beside_a_digit_it_nearly_touches_is_read_not_swallowed(shipped_model, second):
+    # "10" and "11" with a small gap: the two units may be joined as one digit drawn in two strokes, and the
+    # join reads as the other digit; a reading must not lose the 1 just because it then has fewer digits.
+    from hwr_batch.classify import load_classifier, predict_scores
+    from hwr_batch.normalise import to_mnist
+    from hwr_batch.segment import read_field
+
+    img = paper()
+    draw_one(img, 50, 12)
+    if second == "zero":
+        draw_zero(img, 68, 29)
+    else:
+        draw_one(img, 65, 12)
+    cands = segment_field_candidates(img)
+    assert cands.joins, "the two units are close enough to be offered as one digit"
+    classifier = load_classifier(shipped_model)
+    probs, rejects = predict_scores(classifier, np.stack([to_mnist(p.ink) for p in cands.pieces]))
+    text = "".join(classifier.labels[int(np.argmax(probs[i]))] for i in read_field(cands, probs, rejects).digits)
+    assert text == ("10" if second == "zero" else "11")
