@@ -375,7 +375,7 @@ def _find_boxes(
         for row in rows:
             row.sort(key=lambda b: b[0])
             if len(rows) == 1:
-                row = _recover_end_cells(row, frame)
+                row = _recover_end_cells(row, frame, ver)
             x0 = row[0][0]
             y0 = min(b[1] for b in row)
             x1 = max(b[0] + b[2] for b in row)
@@ -385,34 +385,42 @@ def _find_boxes(
 
 
 def _recover_end_cells(
-    row: list[tuple[int, int, int, int]], frame: tuple[int, int, int, int]
+    row: list[tuple[int, int, int, int]], frame: tuple[int, int, int, int], ver: np.ndarray
 ) -> list[tuple[int, int, int, int]]:
     """Give a comb back an end cell that a digit hid from the line grid.
 
     A thick digit that touches a comb's side and separator can break its cell's hole into pieces that
     are not ruled on four sides, and the cell (with its digit) would be lost. The frame's outline still
-    spans it: where the frame reaches past the first or last hole by about a cell, that hole is
-    widened to the frame's inner edge.
+    reaches past the first or last hole then: by about a cell, and a whole cell is put back, one cell
+    pitch on; by part of one, the hole is what is left of the cell and takes the cells' width. Either
+    only where a printed vertical line (``ver``) stands at the cell's outer edge, so that a rule or a
+    stroke joined to the frame adds nothing.
     """
     fx, fy, fw, fh = frame
     y0, y1 = min(b[1] for b in row), max(b[1] + b[3] for b in row)
-    border = max(1, y0 - fy)  # the frame line's width, as the grid drew it
+    border = max(1, y0 - fy)  # the frame line's width as the grid drew it (more where a digit pokes out)
     if fh > (y1 - y0) + 4 * border + 4:  # not a single row of cells
         return row
-    pitch = float(np.median([b[2] for b in row]))
+    width = round(float(np.median([b[2] for b in row])))
+    stride = round(float(np.median([b[0] - a[0] for a, b in itertools.pairwise(row)]))) if len(row) > 1 else width + border
+
+    def ruled(x: int) -> bool:  # a printed vertical line within a line's width of column x
+        band = ver[y0 + 1 : y1 - 1, max(0, x - border - 2) : max(0, x + border + 3)]
+        return band.size > 0 and band.any(axis=1).mean() >= 0.7
+
     row = list(row)
     x, y, w, h = row[0]
-    inner_left = fx + border
-    if 0.8 * pitch <= x - inner_left <= 1.6 * pitch:  # a whole cell: its separator stands before the hole
-        row.insert(0, (inner_left, y, x - border - inner_left, h))
-    elif 0.3 * pitch < x - inner_left:  # part of the cell: the hole is what is left of it
-        row[0] = (inner_left, y, x + w - inner_left, h)
+    gap = x - (fx + border)
+    if 0.8 * width <= gap <= 1.6 * width and ruled(x - stride):  # a whole cell
+        row.insert(0, (x - stride, y, width, h))
+    elif 0.3 * width < gap < 0.8 * width and ruled(x + w - width):  # part of one
+        row[0] = (x + w - width, y, width, h)
     x, y, w, h = row[-1]
-    inner_right = fx + fw - border
-    if 0.8 * pitch <= inner_right - (x + w) <= 1.6 * pitch:
-        row.append((x + w + border, y, inner_right - (x + w + border), h))
-    elif 0.3 * pitch < inner_right - (x + w) < 0.8 * pitch:
-        row[-1] = (x, y, inner_right - x, h)
+    gap = fx + fw - border - (x + w)
+    if 0.8 * width <= gap <= 1.6 * width and ruled(x + stride + width):
+        row.append((x + stride, y, width, h))
+    elif 0.3 * width < gap < 0.8 * width and ruled(x + width):
+        row[-1] = (x, y, width, h)
     return row
 
 

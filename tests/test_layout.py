@@ -141,23 +141,48 @@ def test_choose_dpi_trusts_plausible_tags_and_estimates_the_rest_from_the_page_s
     )
 
 
-@pytest.mark.parametrize("end", ["first", "last"])
-def test_a_comb_keeps_an_end_cell_whose_thick_digit_breaks_its_outline(end):
-    # A 300 dpi page with one comb of six cells; the end cell holds a thick stroke that runs into the
-    # comb's side and into the separator, so the line grid sees no clean hole there. The cell (and its
-    # digit) must still belong to the field, with its separator as a cell edge.
+def comb_page(n: int = 6, x0: int = 200, y0: int = 300, cell: int = 60, height: int = 80) -> np.ndarray:
+    """A 300 dpi page with one comb of ``n`` cells, a zero in each."""
     page = np.full((700, 1000), 235, np.uint8)
-    x0, y0, cell, height, n = 200, 300, 60, 80, 6
     cv2.rectangle(page, (x0, y0), (x0 + n * cell, y0 + height), 20, 3)
     for k in range(1, n):
         cv2.line(page, (x0 + k * cell, y0), (x0 + k * cell, y0 + height), 20, 3)
     for k in range(n):
-        cv2.circle(page, (x0 + k * cell + cell // 2, y0 + height // 2), 18, 40, 5)  # a zero in each cell
+        cv2.circle(page, (x0 + k * cell + cell // 2, y0 + height // 2), 18, 40, 5)
+    return page
+
+
+def separators_on_page(field: Field) -> list[float]:
+    """The page x of each edge between two cells of a comb field."""
+    y = field.inner[1] + field.inner[3] / 2
+    return [float((field.to_page @ np.array([b, y, 1.0]))[0])
+            for (_, b), _next in zip(field.cells, field.cells[1:])]
+
+
+@pytest.mark.parametrize("end", ["first", "last"])
+def test_a_comb_keeps_an_end_cell_whose_thick_digit_breaks_its_outline(end):
+    # The end cell holds a thick stroke that runs into the comb's side and into the separator, so the
+    # line grid sees no clean hole there. The cell (and its digit) must still belong to the field, with
+    # every separator where it is printed.
+    x0, y0, cell, height, n = 200, 300, 60, 80, 6
+    page = comb_page(n, x0, y0, cell, height)
     c0 = x0 if end == "first" else x0 + (n - 1) * cell
     cv2.line(page, (c0 - 6, y0 + 25), (c0 + cell + 6, y0 + 25), 30, 14)  # a thick bar across the cell
     cv2.line(page, (c0 + cell - 10, y0 - 4), (c0 + 8, y0 + height + 4), 30, 14)  # and a thick stroke
     fields = find_fields(page, mode="boxes", dpi=300)
     assert len(fields) == 1, [f.bbox for f in fields]
     (field,) = fields
+    assert iou(field.bbox, (x0, y0, n * cell, height)) > 0.9, field.bbox
+    assert len(field.cells) == n, field.cells
+    assert np.allclose(separators_on_page(field), [x0 + k * cell for k in range(1, n)], atol=4), separators_on_page(field)
+
+
+def test_a_rule_joined_to_a_comb_adds_no_cell():
+    # A printed rule running from the comb's corner makes its outline reach far past the first cell;
+    # no cell stands there, so none is added.
+    x0, y0, cell, height, n = 300, 300, 60, 80, 6
+    page = comb_page(n, x0, y0, cell, height)
+    cv2.line(page, (x0 - 80, y0 + height), (x0, y0 + height), 20, 3)
+    (field,) = find_fields(page, mode="boxes", dpi=300)
     assert iou(field.bbox, (x0, y0, n * cell, height)) > 0.9, field.bbox
     assert len(field.cells) == n, field.cells
