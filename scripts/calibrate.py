@@ -14,7 +14,12 @@ Fitted on (``fit`` sets; real fields the model never trained on, plus generated 
         labels of ``danish_dev_checked.csv`` (beside this script) put right: the cells read "wrong" with
         the highest out-of-fold confidence, checked by eye; ``checked`` is what the cell reads, empty
         where it is unclear (left out);
-    forms fit: 400 generated pages of MNIST **test** digits, seed 11.
+    forms fit: 400 generated pages of MNIST **test** digits, seed 11;
+    orand A (cross-fitted), with ``--cheque-model M``: ``orand_car_a`` rows 0-539 read by M, a model
+        trained by the same recipe as ``--model`` but on the other fold (rows 540 on) instead of these
+        rows: the shipped model trained on rows 0-539, so only a twin that never saw them can show how
+        such a model reads cheques it has never seen. A ``--compare`` model is fitted on rows 0-539 as
+        it reads them itself (it must not have trained on them: the MNIST-only seed has not).
 Measured on (``measure`` sets; never fitted or tuned on):
     danish: ``danish_row_numbers`` (digits-only rows), the measuring set;
     orand B: ``orand_car_a`` rows 540 on (the fold the model never saw);
@@ -282,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-pages", type=int, default=400)
     p.add_argument("--pages", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--cheque-model", type=Path,
+                   help="a twin of --model trained on orand_car_a rows 540 on instead of 0-539: reads rows 0-539 for the fit")
     p.add_argument("--write", action="store_true", help="write the record beside --model")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--plots", type=Path, help="write the accept/error and reliability PNGs here")
@@ -298,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         "orand B": read_real(args.data / "orand_car_a", real_rows(args.data / "orand_car_a", ORAND_FOLD_B_FROM), args.jobs),
     }
     measure_forms = {"forms": read_forms(digits, args.pages, seed=7)}
+    cheques = "orand A (cross-fitted)"
+    if args.cheque_model:
+        fit_real[cheques] = read_real(args.data / "orand_car_a", real_rows(args.data / "orand_car_a", 0, ORAND_FOLD_B_FROM), args.jobs)
 
     report: dict = {"models": {}}
     measured: dict[str, dict[str, list[Unit]]] = {}
     for model_path in [args.model] + ([args.compare] if args.compare else []):
         classifier = load_classifier(model_path)
-        fit_sets = {n: real_units(n, classifier, items) for n, items in fit_real.items()}
+        cheque_reader = load_classifier(args.cheque_model) if args.cheque_model and model_path == args.model else classifier
+        fit_sets = {n: real_units(n, cheque_reader if n == cheques else classifier, items) for n, items in fit_real.items()}
         fit_sets |= {n: form_units(n, classifier, items) for n, items in fit_forms.items()}
         x, y, acceptable = map(np.concatenate, zip(*(fit_units(u) for u in fit_sets.values())))
         record = fit_calibration(
