@@ -375,7 +375,7 @@ def _find_boxes(
         for row in rows:
             row.sort(key=lambda b: b[0])
             if len(rows) == 1:
-                row = _recover_end_cells(row, frame, ver)
+                row = _recover_end_cells(row, frame, hor, ver)
             x0 = row[0][0]
             y0 = min(b[1] for b in row)
             x1 = max(b[0] + b[2] for b in row)
@@ -385,41 +385,71 @@ def _find_boxes(
 
 
 def _recover_end_cells(
-    row: list[tuple[int, int, int, int]], frame: tuple[int, int, int, int], ver: np.ndarray
+    row: list[tuple[int, int, int, int]], frame: tuple[int, int, int, int], hor: np.ndarray, ver: np.ndarray
 ) -> list[tuple[int, int, int, int]]:
     """Give a comb back an end cell that a digit hid from the line grid.
 
     A thick digit that touches a comb's side and separator can break its cell's hole into pieces that
     are not ruled on four sides, and the cell (with its digit) would be lost. The frame's outline still
     reaches past the first or last hole then: by about a cell, and a whole cell is put back, one cell
-    pitch on; by part of one, the hole is what is left of the cell and takes the cells' width. Either
-    only where a printed vertical line (``ver``) stands at the cell's outer edge, so that a rule or a
-    stroke joined to the frame adds nothing.
+    pitch on; by the rest of a cell, the hole is what is left of it and takes the cells' width. Either
+    only where the printed lines (``hor``, ``ver``) run above and below the cell and stand at its outer
+    side, so that a rule or a stroke joined to the frame adds nothing.
     """
     fx, fy, fw, fh = frame
     y0, y1 = min(b[1] for b in row), max(b[1] + b[3] for b in row)
-    border = max(1, y0 - fy)  # the frame line's width as the grid drew it (more where a digit pokes out)
-    if fh > (y1 - y0) + 4 * border + 4:  # not a single row of cells
+    # The frame line's width as the grid drew it: the thinner of top and bottom, as the digit that broke
+    # the cell may poke out of the frame on one side.
+    border = max(1, min(y0 - fy, fy + fh - y1))
+    if fh > (y1 - y0) + 4 * border + 8:  # not a single row of cells
         return row
-    width = round(float(np.median([b[2] for b in row])))
-    stride = round(float(np.median([b[0] - a[0] for a, b in itertools.pairwise(row)]))) if len(row) > 1 else width + border
+    widths = sorted(b[2] for b in row)
+    width = widths[len(widths) // 2] if len(row) >= 3 else widths[-1]  # two holes: one may be a rest
+    pitches = [b[0] - a[0] for a, b in itertools.pairwise(row)]
 
-    def ruled(x: int) -> bool:  # a printed vertical line within a line's width of column x
-        band = ver[y0 + 1 : y1 - 1, max(0, x - border - 2) : max(0, x + border + 3)]
-        return band.size > 0 and band.any(axis=1).mean() >= 0.7
+    def stride_beside(col: int, step: int) -> int:
+        """The cells' pitch: the median one, or with fewer than three holes, the width plus the gap the
+        separator beside ``col`` (going by ``step``) makes in the grid (its width and the dilation)."""
+        if len(row) >= 3:
+            return round(float(np.median(pitches)))
+        c, skipped, line = col, 0, 0
+        while 0 <= c < ver.shape[1] and (line or skipped < 2):
+            if np.count_nonzero(ver[y0:y1, c]) >= 0.5 * (y1 - y0):
+                line += 1
+            elif line:
+                break
+            else:
+                skipped += 1
+            c += step
+        return width + (line + 2 if line else border)
+
+    def ruled(a: int, b: int, side: int) -> bool:
+        """Printed lines above and below columns a..b, and a vertical one at column ``side``."""
+        if b <= a:
+            return False
+        above = hor[max(0, y0 - border - 3) : y0 + 1, max(0, a) : max(0, b)]
+        below = hor[y1 - 1 : y1 + border + 3, max(0, a) : max(0, b)]
+        upright = ver[y0 + 1 : y1 - 1, max(0, side - border - 2) : max(0, side + border + 3)]
+        return all(m.size > 0 for m in (above, below, upright)) and min(
+            above.any(axis=0).mean(), below.any(axis=0).mean(), upright.any(axis=1).mean()
+        ) >= 0.7
 
     row = list(row)
     x, y, w, h = row[0]
     gap = x - (fx + border)
-    if 0.8 * width <= gap <= 1.6 * width and ruled(x - stride):  # a whole cell
+    stride = stride_beside(x - 1, -1)
+    if 0.8 * width <= gap <= 1.6 * width and ruled(x - stride, x - stride + width, x - stride):  # a whole cell
         row.insert(0, (x - stride, y, width, h))
-    elif 0.3 * width < gap < 0.8 * width and ruled(x + w - width):  # part of one
+    elif 0.3 * width < gap < 0.8 * width and w <= 0.8 * width and abs(gap + w - width) <= border + 2 \
+            and ruled(x + w - width, x + w, x + w - width):  # the rest of one
         row[0] = (x + w - width, y, width, h)
     x, y, w, h = row[-1]
     gap = fx + fw - border - (x + w)
-    if 0.8 * width <= gap <= 1.6 * width and ruled(x + stride + width):
+    stride = stride_beside(x + w, 1)
+    if 0.8 * width <= gap <= 1.6 * width and ruled(x + stride, x + stride + width, x + stride + width):
         row.append((x + stride, y, width, h))
-    elif 0.3 * width < gap < 0.8 * width and ruled(x + width):
+    elif 0.3 * width < gap < 0.8 * width and w <= 0.8 * width and abs(gap + w - width) <= border + 2 \
+            and ruled(x, x + width, x + width):
         row[-1] = (x, y, width, h)
     return row
 

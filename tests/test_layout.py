@@ -159,12 +159,13 @@ def separators_on_page(field: Field) -> list[float]:
             for (_, b), _next in zip(field.cells, field.cells[1:])]
 
 
+@pytest.mark.parametrize("n", [2, 6])
 @pytest.mark.parametrize("end", ["first", "last"])
-def test_a_comb_keeps_an_end_cell_whose_thick_digit_breaks_its_outline(end):
+def test_a_comb_keeps_an_end_cell_whose_thick_digit_breaks_its_outline(end, n):
     # The end cell holds a thick stroke that runs into the comb's side and into the separator, so the
     # line grid sees no clean hole there. The cell (and its digit) must still belong to the field, with
     # every separator where it is printed.
-    x0, y0, cell, height, n = 200, 300, 60, 80, 6
+    x0, y0, cell, height = 200, 300, 60, 80
     page = comb_page(n, x0, y0, cell, height)
     c0 = x0 if end == "first" else x0 + (n - 1) * cell
     cv2.line(page, (c0 - 6, y0 + 25), (c0 + cell + 6, y0 + 25), 30, 14)  # a thick bar across the cell
@@ -177,12 +178,16 @@ def test_a_comb_keeps_an_end_cell_whose_thick_digit_breaks_its_outline(end):
     assert np.allclose(separators_on_page(field), [x0 + k * cell for k in range(1, n)], atol=4), separators_on_page(field)
 
 
-def test_a_rule_joined_to_a_comb_adds_no_cell():
-    # A printed rule running from the comb's corner makes its outline reach far past the first cell;
-    # no cell stands there, so none is added.
-    x0, y0, cell, height, n = 300, 300, 60, 80, 6
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("tick", [False, True])
+def test_a_rule_joined_to_a_comb_adds_no_cell(n, tick):
+    # A printed rule running from a comb's (or a plain box's) corner makes its outline reach past the
+    # first cell, with a tick where a cell's side would stand: no cell is printed there, none is added.
+    x0, y0, cell, height = 300, 300, 60, 80
     page = comb_page(n, x0, y0, cell, height)
     cv2.line(page, (x0 - 80, y0 + height), (x0, y0 + height), 20, 3)
+    if tick:
+        cv2.line(page, (x0 - cell, y0), (x0 - cell, y0 + height), 20, 3)
     (field,) = find_fields(page, mode="boxes", dpi=300)
     assert iou(field.bbox, (x0, y0, n * cell, height)) > 0.9, field.bbox
-    assert len(field.cells) == n, field.cells
+    assert len(field.cells) == (n if n > 1 else 0), field.cells
