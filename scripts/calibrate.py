@@ -3,7 +3,8 @@
 
 Usage:
     python scripts/calibrate.py [--model models/hwr-digits.onnx] [--write] [--compare OLD.onnx]
-                                [--data DIR] [--mnist DIR] [--json OUT.json] [--plots DIR]
+                                [--cheque-model TWIN.onnx] [--data DIR] [--mnist DIR] [--json OUT.json]
+                                [--plots DIR]
 
 Every field is read exactly as ``hwr-batch process`` reads it (:func:`hwr_batch.read.read_file` or
 :func:`hwr_batch.read.read_page`, then :func:`hwr_batch.rows.judge_readings`), and its reading is
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         x, y, acceptable = map(np.concatenate, zip(*(fit_units(u) for u in fit_sets.values())))
         record = fit_calibration(
             x, y, acceptable, model_sha256=classifier.sha256,
-            fitted_on={n: len(u) for n, u in fit_sets.items()} | {"fields_fitted": len(y)},
+            fitted_on={n: len(u) for n, u in fit_sets.items()} | {"fields_fitted": len(y)}
+            | ({"cheques read by": cheque_reader.sha256} if cheques in fit_sets else {}),
         )
         sets = {n: recalibrated(real_units(n, classifier, items), record) for n, items in measure_real.items()}
         sets |= {n: recalibrated(form_units(n, classifier, items), record) for n, items in measure_forms.items()}
