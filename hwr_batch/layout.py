@@ -434,22 +434,26 @@ def _recover_end_cells(
             above.any(axis=0).mean(), below.any(axis=0).mean(), upright.any(axis=1).mean()
         ) >= 0.7
 
+    def whole_cell_lost(gap: int) -> bool:  # the frame reaches about a cell past the end hole
+        return 0.8 * width <= gap <= 1.6 * width
+
+    def rest_of_cell(gap: int, w: int) -> bool:  # the end hole and the gap beyond it make one cell
+        return 0.3 * width < gap < 0.8 * width and w <= 0.8 * width and abs(gap + w - width) <= border + 2
+
     row = list(row)
     x, y, w, h = row[0]
     gap = x - (fx + border)
     stride = stride_beside(x - 1, -1)
-    if 0.8 * width <= gap <= 1.6 * width and ruled(x - stride, x - stride + width, x - stride):  # a whole cell
+    if whole_cell_lost(gap) and ruled(x - stride, x - stride + width, x - stride):
         row.insert(0, (x - stride, y, width, h))
-    elif 0.3 * width < gap < 0.8 * width and w <= 0.8 * width and abs(gap + w - width) <= border + 2 \
-            and ruled(x + w - width, x + w, x + w - width):  # the rest of one
+    elif rest_of_cell(gap, w) and ruled(x + w - width, x + w, x + w - width):
         row[0] = (x + w - width, y, width, h)
     x, y, w, h = row[-1]
     gap = fx + fw - border - (x + w)
     stride = stride_beside(x + w, 1)
-    if 0.8 * width <= gap <= 1.6 * width and ruled(x + stride, x + stride + width, x + stride + width):
+    if whole_cell_lost(gap) and ruled(x + stride, x + stride + width, x + stride + width):
         row.append((x + stride, y, width, h))
-    elif 0.3 * width < gap < 0.8 * width and w <= 0.8 * width and abs(gap + w - width) <= border + 2 \
-            and ruled(x, x + width, x + width):
+    elif rest_of_cell(gap, w) and ruled(x, x + width, x + width):
         row[-1] = (x, y, width, h)
     return row
 
