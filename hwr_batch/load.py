@@ -183,12 +183,39 @@ def _iter_image_pages(path: Path, *, max_megapixels: float) -> Iterator[Page]:
                     f"{max_megapixels:g} MP limit (a decompression bomb?); raise --max-megapixels if it is genuine"
                 )
             try:
-                gray = _to_gray(frame)
+                gray = _decode_plain_png(frame, path)
+                if gray is None:
+                    gray = _to_gray(frame)
             except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data surfaces at decode
                 raise InputFileError(f"{path}: page {index + 1} is truncated or corrupt ({e})") from None
             _check_size(gray, path, index)
             dpi = frame.info.get("dpi")
             yield Page(path, index, gray, float(dpi[0]) if dpi and dpi[0] else None)
+
+
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # the empty IEND chunk, with its CRC, that ends every whole PNG file
+
+
+def _decode_plain_png(image, path: Path) -> np.ndarray | None:
+    """An 8-bit grey single-image PNG (the usual scan saved as PNG) decoded by OpenCV's libpng, whose
+    unfiltering is vectorised: 70 ms against Pillow's 82 ms for a 300 dpi page here. None for anything
+    else, or for a file OpenCV cannot decode: Pillow then decodes it and says what is wrong. A file cut
+    short (copied while still being written) is left to Pillow straight away, since libpng would print
+    its own unnamed complaint to stderr first."""
+    import cv2
+
+    if image.format != "PNG" or image.mode != "L" or "transparency" in image.info or image.n_frames != 1:
+        return None
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    if data[-len(_PNG_END) :].tobytes() != _PNG_END:
+        return None
+    gray = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if gray is None or gray.dtype != np.uint8 or gray.shape != (image.height, image.width):
+        return None
+    return gray
 
 
 def _frames(image, path: Path):
@@ -226,14 +253,16 @@ def _to_gray(frame) -> np.ndarray:
     from PIL import Image
 
     mode = frame.mode
-    if mode == "L":  # most scans: convert() would copy the page once more (1.5 ms of a 300 dpi page)
+    if mode == "L" and "transparency" not in frame.info:  # most scans: convert() would copy the page once more (1.5 ms of a 300 dpi page)
         return np.array(frame, dtype=np.uint8)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(frame, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
         return np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
-    if mode == "P":
-        frame = frame.convert("RGBA" if "transparency" in frame.info else "RGB")
+    if mode in ("P", "L") and "transparency" in frame.info:  # a colour (or grey level) marked transparent
+        frame = frame.convert("RGBA")
+    elif mode == "P":
+        frame = frame.convert("RGB")
     if frame.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         paper = Image.new("RGBA", frame.size, (255, 255, 255, 255))
         frame = Image.alpha_composite(paper, frame.convert("RGBA"))
