@@ -262,8 +262,13 @@ def _read_page(
 
 def _one_tone(gray: np.ndarray) -> str:
     """``"blank"`` or ``"all black"`` if the page holds no visible ink at all (a dead or empty scan), else ``""``."""
-    factor = max(gray.shape) / 600
-    small = cv2.resize(gray, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA) if factor > 1 else gray
+    h, w = gray.shape
+    factor = min(-(-max(h, w) // 600), h, w)  # an integer factor: INTER_AREA then averages blocks, 20x faster
+    if factor > 1:
+        gray = gray[: h - h % factor, : w - w % factor]
+        small = cv2.resize(gray, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+    else:
+        small = gray
     paper = float(np.median(small))
     marked = np.count_nonzero(np.abs(small.astype(np.int16) - paper) > ONE_TONE_CONTRAST)
     if marked > ONE_TONE_MAX_MARKS * small.size:
