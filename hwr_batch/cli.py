@@ -50,7 +50,14 @@ def _global_options(
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="A log line per file (-vv: debug detail too).")
     ] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q",
+            help="Only warnings and errors on stderr (with --log-file, the file still gets the run's summary: "
+            "cron then mails only when something went wrong).",
+        ),
+    ] = False,
     log_file: Annotated[
         Path | None, typer.Option(envvar="HWR_BATCH_LOG_FILE", help="Also append log lines to this file.", dir_okay=False)
     ] = None,
@@ -65,10 +72,10 @@ def _global_options(
     4 model missing or unusable, 5 output not writable, 6 state database unusable,
     7 another run holds the lock, 15 other error, 130 interrupted.
     """
-    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    configure_logging(level, log_file=log_file, json_lines=json_logs)
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    configure_logging(logging.WARNING if quiet else level, log_file=log_file, file_level=level, json_lines=json_logs)
     # One line per file only with -v: a nightly run over thousands of files logs its summary, not each file.
-    logging.getLogger("hwr_batch.files").setLevel(logging.NOTSET if verbose and not quiet else logging.WARNING)
+    logging.getLogger("hwr_batch.files").setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 class TextFormatter(logging.Formatter):
@@ -109,20 +116,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: int, *, log_file: Path | None = None, json_lines: bool = False) -> None:
-    """Log to stderr (stdout is for data), and optionally to a file, under the ``hwr_batch`` logger only."""
+def configure_logging(
+    level: int, *, log_file: Path | None = None, file_level: int | None = None, json_lines: bool = False
+) -> None:
+    """Log to stderr (stdout is for data) at ``level``, and optionally to a file at ``file_level`` (default:
+    ``level``), under the ``hwr_batch`` logger only."""
     formatter = JsonFormatter() if json_lines else TextFormatter()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(level)
+    handlers: list[logging.Handler] = [stderr]
     if log_file is not None:
         try:
             # backslashreplace: a traceback quoting an undecodable file name must not break the log.
-            handlers.append(logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
+            to_file = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
         except OSError as e:
             raise typer.BadParameter(f"cannot open log file {log_file}: {e.strerror}", param_hint="--log-file") from None
+        to_file.setLevel(level if file_level is None else file_level)
+        handlers.append(to_file)
     for handler in handlers:
         handler.setFormatter(formatter)
     log.handlers[:] = handlers
-    log.setLevel(level)
+    log.setLevel(min(handler.level for handler in handlers))
     log.propagate = False
 
 
@@ -149,7 +163,7 @@ def process(
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, PDF.", show_default=False,
+            help="Scans to read: files or folders (walked recursively). PNG, JPEG, TIFF, BMP, WebP, GIF, PNM, PDF.", show_default=False,
             metavar="SCANS...",
         ),
     ] = None,
@@ -159,7 +173,7 @@ def process(
                      "the command line and HWR_BATCH_* variables override it.", dir_okay=False),
     ] = None,
     out: Annotated[
-        Path, typer.Option("--out", "-o", envvar="HWR_BATCH_OUT", help="Folder for digits.csv, fields.csv, errors.csv (or results.xlsx).")
+        Path, typer.Option("--out", "-o", envvar="HWR_BATCH_OUT", help="Folder for fields.csv, digits.csv, errors.csv, pages.csv (or results.xlsx).")
     ] = DEFAULTS.out_dir,
     fmt: Annotated[
         FormatChoice,

@@ -93,6 +93,7 @@ class BatchReport:
     files_found: int = 0
     processed: int = 0
     skipped: int = 0
+    known_failures: int = 0  # of the skipped: files that failed in an earlier run and have not changed
     failed: int = 0
     stale: int = 0
     pages: int = 0
@@ -126,7 +127,7 @@ class BatchReport:
         """The run's figures as plain values (the JSON log's ``report``)."""
         return {
             "files_found": self.files_found, "processed": self.processed, "skipped": self.skipped,
-            "failed": self.failed, "stale": self.stale, "pages": self.pages, "fields": self.fields,
+            "known_failures": self.known_failures, "failed": self.failed, "stale": self.stale, "pages": self.pages, "fields": self.fields,
             "accepted_fields": self.accepted_fields, "flagged_fields": self.flagged_fields, "digits": self.digits,
             "unregistered_pages": self.unregistered_pages,
             "seconds": round(self.seconds, 3), "interrupted": self.interrupted,
@@ -136,8 +137,10 @@ class BatchReport:
         """One line for the log."""
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         return (
-            f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped, "
-            f"{self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
+            f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped"
+            + (f" ({self.known_failures} failed in an earlier run and have not changed: still in the errors "
+               "table; --retry-failed tries them again)" if self.known_failures else "")
+            + f", {self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
             f"{self.digits} digits; {self.accepted_fields} fields accepted, {self.flagged_fields} flagged for review; "
             + (f"{self.unregistered_pages} pages fit no template; " if self.unregistered_pages else "")
             + f"{self.seconds:.1f}s "
@@ -238,6 +241,8 @@ def check_outputs_writable(options: Options) -> None:
     for what, directory in (("output", options.out_dir), ("annotation", options.annotate_dir)):
         if directory is None:
             continue
+        if directory.exists() and not directory.is_dir():
+            raise OutputError(f"{directory}: the {what} folder is a file, not a folder; nothing was read")
         try:
             check_writable(directory)
         except OSError as e:
@@ -270,6 +275,7 @@ def _run(
     pruned = _drop_deleted_files(store, db, options)
     todo = {d.path: d for d in decisions if d.process}
     report.skipped = sum(1 for d in decisions if not d.process and d.kind != "unreadable")
+    report.known_failures = sum(1 for d in decisions if not d.process and d.kind == "failed")
     unreadable = _record_unreadable(store, db, decisions, problems, report)
     log.info(
         "%d files found: %d to process, %d already done or skipped, %d unreadable",
@@ -439,7 +445,7 @@ def _log_threshold(classifier: Classifier, options: Options) -> None:
     if options.min_confidence is not None:
         source = "--min-confidence"
     elif classifier.calibration is not None and classifier.calibration.accept_curve:
-        source = f"the calibration record's threshold for {options.target_error:.1%} error among accepted fields"
+        source = f"the calibration record's threshold for {options.target_error * 100:g}% error among accepted fields"
     else:
         source = f"1 - --target-error {options.target_error:g}: the calibration record has no accept curve"
     log.info("fields are accepted at confidence >= %.4f (%s)", threshold, source)

@@ -657,7 +657,12 @@ def plan(
         try:
             fp = fingerprint(path)
         except OSError as e:
-            decisions.append(Decision(path, "unreadable", False, None, prev, _os_error(e)))
+            if prev is not None and prev.status == "failed" and prev.size is None and not (force or retry_failed):
+                # It could not even be stat-ed last time (a broken symbolic link, say), and still cannot: a
+                # known failure, skipped quietly like one that can. It is tried again once it can be stat-ed.
+                decisions.append(Decision(path, "failed", False, None, prev))
+                continue
+            decisions.append(Decision(path, "unreadable", False, None, prev, _unstattable_reason(path, e)))
             continue
         same_stat = prev is not None and (prev.size, prev.mtime_ns) == (fp.size, fp.mtime_ns)
         if same_stat and prev.sha256 is None and prev.status == "failed" and not (force or retry_failed):
@@ -699,6 +704,16 @@ def plan(
 
 def _os_error(e: OSError) -> str:
     return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
+def _unstattable_reason(path: Path, e: OSError) -> str:
+    """Why ``path`` cannot be stat-ed: a broken symbolic link is named as one, with where it points."""
+    try:
+        if os.path.islink(path):
+            return f"broken symbolic link (to {os.readlink(path)}: {e.strerror or e})"
+    except OSError:
+        pass
+    return _os_error(e)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,45 @@ def test_verbose_logs_one_line_per_file_and_global_options_work_after_the_comman
     assert after.returncode == 0 and after.stderr == ""  # -q after the command: warnings only
 
 
+def test_quiet_with_a_log_file_keeps_stderr_for_trouble_and_the_file_for_the_record(three_scans, tmp_path, cli):
+    """The cron setup of the README: stderr (what cron mails) is empty on a good night, the log file still
+    gets each run's summary; a file that fails is on both."""
+    folder, _ = three_scans
+    log_file = tmp_path / "nightly.log"
+    good = cli("-q", "--log-file", log_file, "process", folder, "--out", tmp_path / "out", "--jobs", "1", "-v")
+    assert good.returncode == 0 and good.stderr == "", good.stderr
+    logged = log_file.read_text()
+    assert " INFO " in logged and "3 files found: 3 to process" in logged and logged.count(": done (") == 3
+    (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    bad = cli("-q", "--log-file", log_file, "process", folder, "--out", tmp_path / "out", "--jobs", "1")
+    assert bad.returncode == ExitCode.partial_failure
+    assert "cut.png" in bad.stderr and " INFO " not in bad.stderr
+    assert "cut.png" in log_file.read_text()[len(logged):] and log_file.read_text().count(" INFO ") > logged.count(" INFO ")
+
+
+def test_a_failure_is_reported_by_the_run_that_meets_it_and_then_counted_not_repeated(three_scans, tmp_path, cli):
+    """A nightly job mails each failure once: the next run skips the unchanged failures (a broken symbolic
+    link too), says so in its summary, exits 0 and keeps their rows; the link is read once its target appears."""
+    folder, truth = three_scans
+    (folder / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    (folder / "notes.png").write_text("not a scan\n")
+    out = tmp_path / "out"
+    first = cli("process", folder, "--out", out, "--jobs", "1")
+    assert first.returncode == ExitCode.partial_failure, first.stderr
+    assert f"link.png: broken symbolic link (to {tmp_path / 'elsewhere.png'}" in first.stderr
+    second = cli("process", folder, "--out", out, "--jobs", "1")
+    assert second.returncode == ExitCode.ok, second.stderr
+    assert "5 skipped (2 failed in an earlier run and have not changed" in second.stderr
+    assert "link.png" not in second.stderr and "notes.png" not in second.stderr
+    errors = read_tables(out)["errors"]
+    assert sorted(Path(f).name for f in errors["file"]) == ["link.png", "notes.png"]
+    (tmp_path / "elsewhere.png").write_bytes((folder / Path(next(iter(truth))).name).read_bytes())
+    third = cli("process", folder, "--out", out, "--jobs", "1")
+    assert third.returncode == ExitCode.ok, third.stderr
+    assert sorted(Path(f).name for f in read_tables(out)["errors"]["file"]) == ["notes.png"]
+    assert "link.png" in {Path(f).name for f in read_tables(out)["fields"]["file"]}
+
+
 def test_help_shows_the_allowed_values(cli):
     from hwr_batch import cli as cli_module
     from hwr_batch.export import FORMATS

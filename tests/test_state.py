@@ -461,6 +461,20 @@ def test_fifo_and_folder_are_unreadable_without_hanging_and_then_known_failures(
     assert [d.kind for d in retried] == ["unreadable", "unreadable"]
 
 
+def test_a_broken_symbolic_link_is_named_fails_once_and_is_read_when_its_target_appears(db, tmp_path):
+    link = tmp_path / "scan.pdf"
+    link.symlink_to(tmp_path / "not yet there.pdf")
+    (first,) = plan(db, [link], model_sha=MODEL_A)
+    assert (first.kind, first.process) == ("unreadable", False)
+    assert first.error.startswith(f"broken symbolic link (to {tmp_path / 'not yet there.pdf'}: No such file")
+    mark_failed(db, first.path, first.fingerprint, stage="read", reason=first.error, run_id=None)
+    # Still broken: a known failure, skipped quietly (it failed every night before), unless retried.
+    assert kinds(plan(db, [link], model_sha=MODEL_A)) == {"scan.pdf": ("failed", False)}
+    assert kinds(plan(db, [link], model_sha=MODEL_A, retry_failed=True)) == {"scan.pdf": ("unreadable", False)}
+    write(tmp_path / "not yet there.pdf", "now it is")
+    assert kinds(plan(db, [link], model_sha=MODEL_A)) == {"scan.pdf": ("changed", True)}
+
+
 def test_mark_done_needs_the_hash_from_plan(db, tmp_path):
     a = write(tmp_path / "a.pdf", "a")
     with pytest.raises(ValueError, match="sha256"):

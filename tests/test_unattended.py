@@ -473,6 +473,16 @@ def test_an_unwritable_annotation_folder_is_an_output_error(tmp_path, scans, cli
     assert files_done(out) == 0
 
 
+def test_an_output_folder_that_is_a_file_is_named_as_such(tmp_path, scans, cli):
+    folder, _ = scans
+    taken = tmp_path / "results.csv"
+    taken.write_text("a file the user meant to keep\n")
+    result = cli("process", folder, "--out", taken)
+    assert result.returncode == ExitCode.output, result.stderr
+    assert f"{taken}: the output folder is a file, not a folder; nothing was read" in result.stderr
+    assert taken.read_text() == "a file the user meant to keep\n"
+
+
 def test_files_are_never_marked_done_without_their_annotations(tmp_path, scans, cli, tmpfs):
     from hwr_batch.annotate import annotation_path
 
