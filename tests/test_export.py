@@ -29,7 +29,7 @@ def test_a_table_longer_than_a_sheet_continues_on_further_sheets(tmp_path, monke
     write_tables(tables, tmp_path, "xlsx")
     workbook = openpyxl.load_workbook(tmp_path / "results.xlsx", read_only=True)
     digit_sheets = ["digits"] + [f"digits ({n})" for n in range(2, 12)]  # 42 rows: 10 sheets of 4, one of 2
-    assert workbook.sheetnames == [*digit_sheets, "fields", "errors"]
+    assert workbook.sheetnames == ["fields", *digit_sheets, "errors"]  # a workbook opens on the fields
     assert [workbook[s].max_row for s in digit_sheets] == [5] * 10 + [3]  # with headers
     back = read_tables(tmp_path, "xlsx")
     assert back["digits"]["x"].tolist() == list(range(42))  # all rows, in order ("digits (10)" after "(9)")
@@ -41,7 +41,7 @@ def test_a_table_of_exactly_a_sheet_stays_on_one(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "XLSX_MAX_ROWS", 4)
     tables = {"digits": to_frame("digits", digit_rows(4)), "fields": to_frame("fields", []), "errors": to_frame("errors", [])}
     write_tables(tables, tmp_path, "xlsx")
-    assert openpyxl.load_workbook(tmp_path / "results.xlsx", read_only=True).sheetnames == ["digits", "fields", "errors"]
+    assert openpyxl.load_workbook(tmp_path / "results.xlsx", read_only=True).sheetnames == ["fields", "digits", "errors"]
     assert read_tables(tmp_path, "xlsx")["digits"]["x"].tolist() == [0, 1, 2, 3]
 
 
