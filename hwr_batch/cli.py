@@ -389,10 +389,18 @@ def status(
 STATUS_FAILED_SHOWN = 20
 
 
+def _stderr_level() -> int:
+    """The level logged to stderr (a --log-file may take more: see configure_logging)."""
+    for handler in log.handlers:
+        if type(handler) is logging.StreamHandler:  # not a FileHandler, which is one too
+            return handler.level or log.getEffectiveLevel()
+    return log.getEffectiveLevel()
+
+
 @contextmanager
 def _progress_bar():
-    """A rich progress bar on stderr when it is a terminal and logging is not quiet; else nothing."""
-    if not sys.stderr.isatty() or log.getEffectiveLevel() > logging.INFO:
+    """A rich progress bar on stderr when it is a terminal and logging there is not quiet; else nothing."""
+    if not sys.stderr.isatty() or _stderr_level() > logging.INFO:
         yield None
         return
     from rich.console import Console

@@ -138,8 +138,8 @@ class BatchReport:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         return (
             f"{self.files_found} files found: {self.processed} processed, {self.skipped} skipped"
-            + (f" ({self.known_failures} failed in an earlier run and have not changed: still in the errors "
-               "table; --retry-failed tries them again)" if self.known_failures else "")
+            + (f" ({self.known_failures} failed in an earlier run and have not changed; --retry-failed tries "
+               "them again)" if self.known_failures else "")
             + f", {self.failed} failed, {self.stale} stale (another model or settings); {self.pages} pages, {self.fields} fields, "
             f"{self.digits} digits; {self.accepted_fields} fields accepted, {self.flagged_fields} flagged for review; "
             + (f"{self.unregistered_pages} pages fit no template; " if self.unregistered_pages else "")
@@ -241,7 +241,7 @@ def check_outputs_writable(options: Options) -> None:
     for what, directory in (("output", options.out_dir), ("annotation", options.annotate_dir)):
         if directory is None:
             continue
-        if directory.exists() and not directory.is_dir():
+        if os.path.isfile(directory):  # (os.path: a folder that cannot be searched is check_writable's to report)
             raise OutputError(f"{directory}: the {what} folder is a file, not a folder; nothing was read")
         try:
             check_writable(directory)

@@ -707,10 +707,12 @@ def _os_error(e: OSError) -> str:
 
 
 def _unstattable_reason(path: Path, e: OSError) -> str:
-    """Why ``path`` cannot be stat-ed: a broken symbolic link is named as one, with where it points."""
+    """Why ``path`` cannot be stat-ed: a symbolic link is named as one, with where it points (a broken one
+    when its target is missing or loops)."""
     try:
         if os.path.islink(path):
-            return f"broken symbolic link (to {os.readlink(path)}: {e.strerror or e})"
+            broken = "broken " if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP) else ""
+            return f"{broken}symbolic link (to {os.readlink(path)}: {e.strerror or e})"
     except OSError:
         pass
     return _os_error(e)

@@ -227,7 +227,10 @@ def redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decision
 def _redo(decision: Decision) -> Decision:
     """``decision`` turned into "process it", with the content hash marking the file needs."""
     fingerprint, previous = decision.fingerprint, decision.previous
-    if fingerprint is not None and fingerprint.sha256 is None:
+    if fingerprint is None:  # it could not even be stat-ed (a broken link): report it again, as it was
+        error = previous.error if previous is not None and previous.error else "cannot be stat-ed"
+        return replace(decision, kind="unreadable", process=False, error=error)
+    if fingerprint.sha256 is None:
         if previous is not None and previous.sha256 is not None:  # unchanged since it was hashed
             fingerprint = replace(fingerprint, sha256=previous.sha256)
         else:  # it could not be read last time: hash it now

@@ -170,3 +170,25 @@ def test_options_that_are_not_finite_numbers_are_refused_by_the_api():
     for name in ("max_megapixels", "min_confidence"):
         with pytest.raises(BadArgsError, match=f"--{name.replace('_', '-')} must be a finite number, got nan"):
             Options(inputs=("scans",), **{name: float("nan")}).validated()
+
+
+def test_quiet_quiets_stderr_and_its_progress_bar_not_the_log_file(tmp_path):
+    import logging
+
+    from hwr_batch.cli import _stderr_level, configure_logging, log
+
+    handlers, level = list(log.handlers), log.level
+    try:
+        configure_logging(logging.WARNING, log_file=tmp_path / "run.log", file_level=logging.INFO)
+        assert _stderr_level() == logging.WARNING  # no progress bar under -q, a log file or not
+        log.info("kept for the record")
+        log.warning("worth a mail")
+        configure_logging(logging.INFO)
+        assert _stderr_level() == logging.INFO
+    finally:
+        for handler in set(log.handlers) - set(handlers):
+            handler.close()
+        log.handlers[:], log.level = handlers, level
+    written = (tmp_path / "run.log").read_text()
+    assert "INFO kept for the record" in written and "WARNING worth a mail" in written
+

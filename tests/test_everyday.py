@@ -75,6 +75,12 @@ def test_a_failure_is_reported_by_the_run_that_meets_it_and_then_counted_not_rep
     assert "link.png" not in second.stderr and "notes.png" not in second.stderr
     errors = read_tables(out)["errors"]
     assert sorted(Path(f).name for f in errors["file"]) == ["link.png", "notes.png"]
+    (out / "errors.csv").unlink()  # the table lost: its failures are reported again, as they were
+    again = cli("process", folder, "--out", out, "--jobs", "1")
+    assert again.returncode == ExitCode.partial_failure, again.stderr
+    errors = read_tables(out)["errors"].set_index(read_tables(out)["errors"]["file"].map(lambda f: Path(f).name))
+    assert errors.loc["link.png", "reason"].startswith(f"broken symbolic link (to {tmp_path / 'elsewhere.png'}")
+    assert sorted(errors.index) == ["link.png", "notes.png"]
     (tmp_path / "elsewhere.png").write_bytes((folder / Path(next(iter(truth))).name).read_bytes())
     third = cli("process", folder, "--out", out, "--jobs", "1")
     assert third.returncode == ExitCode.ok, third.stderr
