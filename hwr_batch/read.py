@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import Options
 from .errors import HwrError
-from .layout import analyse_page, choose_dpi
+from .layout import analyse_page, choose_dpi, shrink_by
 from .load import iter_pages
 from .normalise import IMAGE_SIZE, to_mnist
 from .segment import FieldCandidates, field_image, segment_field_candidates, segmenting_scale
@@ -267,12 +267,7 @@ def _one_tone(gray: np.ndarray) -> str:
     columns that do not fill a block of that factor (under 0.5 mm at 300 dpi) are left out: ink there
     alone is a scanner's edge, not a page's content."""
     h, w = gray.shape
-    factor = min(-(-max(h, w) // 600), h, w)  # an integer factor: INTER_AREA then averages blocks, 20x faster
-    if factor > 1:
-        gray = gray[: h - h % factor, : w - w % factor]
-        small = cv2.resize(gray, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
-    else:
-        small = gray
+    small = shrink_by(gray, min(-(-max(h, w) // 600), h, w))
     paper = float(np.median(small))
     marked = np.count_nonzero(np.abs(small.astype(np.int16) - paper) > ONE_TONE_CONTRAST)
     if marked > ONE_TONE_MAX_MARKS * small.size:
