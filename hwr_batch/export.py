@@ -122,11 +122,10 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path, fmt: str = "
     if fmt == "xlsx":
         path = out_dir / "results.xlsx"
         try:
-            # The fields sheet first: a workbook opens on it, and it is what a person checks in the morning.
-            order = sorted(safe, key=lambda name: name != "fields")
             with atomic_path(path) as tmp, pd.ExcelWriter(tmp, engine="openpyxl") as workbook:
-                for name, frame in ((name, safe[name]) for name in order):
-                    frame = _without_control_characters(frame)
+                # The fields sheet first: a workbook opens on it, and it is what a person checks in the morning.
+                for name in sorted(safe, key=lambda name: name != "fields"):
+                    frame = _without_control_characters(safe[name])
                     for number, start in enumerate(range(0, max(len(frame), 1), XLSX_MAX_ROWS), start=1):
                         sheet = name if number == 1 else f"{name} ({number})"
                         part = frame.iloc[start : start + XLSX_MAX_ROWS]
