@@ -42,6 +42,7 @@ from .read import (
     read_file,
     read_page,
     segmenting_scale,
+    start_worker_server,
 )
 from .rows import classify_readings, error_rows, page_rows
 from .runlock import acquire_lock
@@ -189,6 +190,8 @@ def run_batch(
     with ExitStack() as stack:
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
+        if options.jobs > 1 and not options.dask:
+            start_worker_server()  # its imports overlap loading the model and planning
         classifier = load_classifier(options.model)
         _log_threshold(classifier, options)
         client = None

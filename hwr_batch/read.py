@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import time
@@ -357,11 +358,25 @@ def _kill_pool(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _worker_pool(jobs: int) -> ProcessPoolExecutor:
+def start_worker_server() -> None:
+    """Start the process that forks the reading workers now, so that its imports overlap the caller's work.
+
+    Optional: the first pool starts it otherwise. It imports this module (OpenCV, NumPy) once, and every
+    worker forked from it starts with them loaded; it ignores SIGTERM and dies with this process.
+    """
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
+def _worker_context() -> multiprocessing.context.ForkServerContext:
     context = multiprocessing.get_context("forkserver")
-    # Takes effect when the forkserver starts (the first pool): it ignores SIGTERM and dies with this process.
-    context.set_forkserver_preload(["__main__", "hwr_batch._forkserver"])
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
+    # Takes effect when the forkserver starts (the first pool, or start_worker_server).
+    context.set_forkserver_preload(["__main__", "hwr_batch._forkserver", __name__])
+    return context
+
+
+def _worker_pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=_worker_context(), initializer=_init_worker, initargs=(os.getpid(),))
 
 
 def _read_in_own_process(path: Path, settings: ReadSettings) -> FileReading:
