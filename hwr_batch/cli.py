@@ -794,14 +794,14 @@ def template_read(
 
     from .atomic import atomic_write
     from .classify import load_classifier
-    from .export import neutralise_formulas
+    from .export import error_row, neutralise_formulas
     from .load import find_inputs
     from .template import form_columns, read_forms, table_names
 
     forms = _load_templates(template)
     paths, unusable = find_inputs(scans)
     tables, errors = read_forms(paths, forms, load_classifier(), threshold=min_confidence)
-    errors += [{"file": str(p), "page": None, "stage": "load", "reason": reason} for p, reason in unusable]
+    errors += [error_row(p, None, "load", reason) for p, reason in unusable]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for form, table in zip(forms, table_names(forms).values()):

@@ -28,7 +28,7 @@ from .cluster import check_workers, connect, iter_cluster_readings, require_dask
 from .confidence import accept_threshold
 from .config import Options
 from .errors import BadArgsError, ExitCode, HwrError, InputFileError, OutputError
-from .export import empty_tables, read_tables
+from .export import empty_tables, error_row, read_tables
 from .load import find_inputs
 from .read import (
     STAGES,
@@ -338,9 +338,7 @@ def _record_unreadable(
             mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error or "unreadable", run_id=report.run_id)
     for path, _stage, reason in unreadable:
         _log_file_error(path, reason)
-    store.replace_rows([p for p, _, _ in unreadable], errors=[
-        {"file": str(p), "page": None, "stage": s, "reason": r} for p, s, r in unreadable
-    ])
+    store.replace_rows([p for p, _, _ in unreadable], errors=[error_row(p, None, s, r) for p, s, r in unreadable])
     report.failed += len(unreadable)
     return len(unreadable)
 

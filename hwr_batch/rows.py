@@ -16,6 +16,7 @@ from .confidence import (
     hard_flags,
     review_reasons,
 )
+from .export import error_row
 from .normalise import IMAGE_SIZE
 from .read import FieldReading, FileReading
 from .segment import Reading, read_field
@@ -185,7 +186,4 @@ def page_rows(readings: list[FileReading], field_rows: list[dict]) -> list[dict]
 
 def error_rows(readings: list[FileReading]) -> list[dict]:
     """One row per file of ``readings`` that could not be read: its page (if one), the stage and the reason."""
-    return [
-        {"file": str(r.path), "page": r.error_page, "stage": r.error[0], "reason": r.error[1]}
-        for r in readings if r.error
-    ]
+    return [error_row(r.path, r.error_page, *r.error) for r in readings if r.error]

@@ -358,7 +358,7 @@ def read_forms(paths: list[Path], templates: list[Template], classifier, *, thre
                 if reading.template is None:
                     errors.append(unregistered_error(file, page.index + 1))
         except HwrError as e:
-            errors.append({"file": file, "page": None, "stage": "load", "reason": str(e)})
+            errors.append({"file": file, "page": None, "stage": "load", "reason": str(e).removeprefix(f"{path}: ")})
     return tables, errors
 
 
