@@ -190,8 +190,6 @@ def run_batch(
     with ExitStack() as stack:
         for directory in lock_dirs:
             stack.enter_context(acquire_lock(directory))
-        if options.jobs > 1 and not options.dask:
-            start_worker_server()  # its imports overlap loading the model and planning
         classifier = load_classifier(options.model)
         _log_threshold(classifier, options)
         client = None
@@ -272,6 +270,8 @@ def _run(
         reprocess_stale=options.reprocess_stale, settings_sha=options.settings_sha(),
     )
     _log_stale(decisions, options)
+    if options.jobs > 1 and client is None and sum(d.process for d in decisions) > 1:
+        start_worker_server()  # a pool will read them: its imports overlap reading the tables back
     options, tables, decisions = _tables_to_update(options, templates, decisions, report.run_id)
     store = ResultStore(tables, options=options, db=db, model_sha=classifier.sha256, report=report)
     store.note_content(decisions)

@@ -578,6 +578,34 @@ def start_in_own_group(folder: Path, out: Path, log: Path) -> subprocess.Popen:
     return process
 
 
+_WORKER_SERVER_PROBE = """
+import multiprocessing.forkserver, sys
+from pathlib import Path
+from hwr_batch.config import Options
+from hwr_batch.pipeline import run_batch
+folder, out = map(Path, sys.argv[1:3])
+runs = []
+for _ in range(3):  # every file to read, then nothing new, then nothing new again
+    report = run_batch(Options(inputs=(folder,), out_dir=out, jobs=2))
+    runs.append(f"{report.processed} {multiprocessing.forkserver._forkserver._forkserver_pid is not None}")
+print("|".join(runs))
+"""
+
+
+def test_the_worker_server_starts_only_for_a_run_with_files_for_two_workers(tmp_path, mnist_test_small, confident_digits):
+    """It loads OpenCV and NumPy: a nightly run with nothing new (or one file, read in process) needs none."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_scans(one, mnist_test_small, confident_digits, 1, seed=21)
+    write_scans(two, mnist_test_small, confident_digits, 2, seed=22)
+    for folder, expected in ((one, "1 False|0 False|0 False"), (two, "2 True|0 True|0 True")):
+        probe = subprocess.run(
+            [sys.executable, "-c", _WORKER_SERVER_PROBE, str(folder), str(tmp_path / f"out-{folder.name}")],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.strip() == expected
+
+
 @pytest.mark.slow
 def test_workers_and_forkserver_die_when_the_main_process_is_killed(tmp_path, mnist_test_small, confident_digits):
     folder = tmp_path / "scans"
