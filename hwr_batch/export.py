@@ -248,6 +248,10 @@ def read_tables(out_dir: Path, fmt: str = "csv", forms: Mapping[str, list[str]] 
         if not whole.all():
             log.warning("%s: %d damaged row(s) of the %s table dropped; their files are read again", path, (~whole).sum(), name)
             frame = frame[whole].reset_index(drop=True)
+        if name == "errors":  # rows written before 2026-12-07 began their reason with the row's file name
+            frame["reason"] = [
+                r.removeprefix(f"{f}: ") if isinstance(r, str) else r for f, r in zip(frame["file"], frame["reason"])
+            ]
         frame.attrs[CUT_SHORT_AT] = cut_at
         tables[name] = frame
     return tables

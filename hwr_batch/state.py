@@ -675,7 +675,7 @@ def plan(
             try:
                 fp = with_sha256(path, fp)
             except OSError as e:
-                decisions.append(Decision(path, "unreadable", False, fp, prev, _os_error(e)))
+                decisions.append(Decision(path, "unreadable", False, fp, prev, _os_error(e, path)))
                 continue
             except UnstableFileError as e:
                 decisions.append(Decision(path, "unstable", False, fp, prev, str(e)))
@@ -702,8 +702,11 @@ def plan(
     return decisions
 
 
-def _os_error(e: OSError) -> str:
-    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+def _os_error(e: OSError, path: Path) -> str:
+    """The system's reason, with the file it names when that is not ``path`` itself (whose row says it)
+    nor a file descriptor."""
+    other = isinstance(e.filename, str | bytes | os.PathLike) and os.fsdecode(e.filename) != os.fspath(path)
+    return f"{e.strerror or e}" + (f": {e.filename}" if other else "")
 
 
 def _unstattable_reason(path: Path, e: OSError) -> str:
@@ -715,7 +718,7 @@ def _unstattable_reason(path: Path, e: OSError) -> str:
             return f"{broken}symbolic link (to {os.readlink(path)}: {e.strerror or e})"
     except OSError:
         pass
-    return _os_error(e)
+    return _os_error(e, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,3 +152,17 @@ def test_a_fields_table_written_before_the_review_columns_reads_back_with_them_e
     write_tables({"fields": reviewed}, tmp_path)
     back = read_tables(tmp_path)["fields"]  # the review's digits stay text: "008", not 8
     assert (back["reviewed_digits"].tolist(), back["review_status"].tolist()) == (["008"], ["corrected"])
+
+
+def test_an_errors_row_written_with_the_file_name_in_its_reason_reads_back_without_it(tmp_path):
+    (tmp_path / "errors.csv").write_text(
+        "file,page,stage,reason\n"
+        "/s/a.png,,load,/s/a.png: empty file (0 bytes)\n"  # as written before 2026-12-07
+        "/s/b.png,2,load,page 2 is truncated or corrupt\n"
+        "/s/c.png,,read,broken symbolic link (to /s/c.png.old: No such file or directory)\n",
+        encoding="utf-8",
+    )
+    reasons = read_tables(tmp_path)["errors"]["reason"].tolist()
+    assert reasons == [
+        "empty file (0 bytes)", "page 2 is truncated or corrupt", "broken symbolic link (to /s/c.png.old: No such file or directory)"
+    ]

@@ -449,6 +449,7 @@ def test_fifo_and_folder_are_unreadable_without_hanging_and_then_known_failures(
     decisions = plan(db, [fifo, folder], model_sha=MODEL_A)
     assert kinds(decisions) == {"pipe.pdf": ("unreadable", False), "folder.pdf": ("unreadable", False)}
     assert all("not a regular file" in d.error or "directory" in d.error.lower() for d in decisions)
+    assert all(str(d.path) not in d.error for d in decisions)  # the errors table's file column names it
     for d in decisions:
         assert d.fingerprint.size is not None and d.fingerprint.sha256 is None
         mark_failed(db, d.path, d.fingerprint, stage="read", reason=d.error, run_id=None)

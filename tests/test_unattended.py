@@ -304,6 +304,7 @@ def test_a_folder_of_bad_files_fails_only_those(tmp_path, mnist_test_small, conf
     assert set(errors) == set(bad)
     for path, phrase in bad.items():
         assert phrase in errors[path], (path, errors[path])
+        assert not errors[path].startswith(path)  # named by the row's file column, not again in its reason
         assert Path(path).name in result.stderr  # and a log line names it
     fields = tables["fields"]
     read = fields.groupby("file")["digits"].apply(lambda s: "|".join(s)).to_dict()
