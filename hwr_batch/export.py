@@ -44,11 +44,11 @@ FORMATS = ("csv", "xlsx")
 XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less the header)
 
 
-
 def error_row(file: os.PathLike[str] | str, page: int | None, stage: str, reason: str) -> dict[str, object]:
     """A row of the ``errors`` table. The reason loses the file name a logged message starts with:
     the row's ``file`` column says it already."""
     return {"file": str(file), "page": page, "stage": stage, "reason": reason.removeprefix(f"{file}: ")}
+
 
 def empty_tables(forms: Mapping[str, list[str]] | None = None) -> dict[str, pd.DataFrame]:
     """The tables (digits, fields, errors, pages, and the ``forms`` tables named) with their columns and no rows."""
