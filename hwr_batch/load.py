@@ -18,6 +18,9 @@ PDF_SUFFIXES = frozenset({".pdf"})
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | PDF_SUFFIXES
 DEFAULT_PDF_DPI = 300
 DEFAULT_MAX_MEGAPIXELS = 200.0  # an A0 page at 300 dpi is 140 MP; past this we suspect a decompression bomb
+# A file that marks a folder hwr-batch writes images into (annotated pages): walks never read such a
+# folder as scans, even in a later run that does not name it (as CACHEDIR.TAG marks caches for backups).
+OWN_FOLDER_MARKER = ".hwr-batch-output"
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,9 @@ def find_inputs(
             are taken (e.g. ``"*.tif"``). Files named explicitly are always taken.
         exclude: glob patterns of files or folders to skip (e.g. ``"rejected/*"``).
             Both match regardless of case: ``"*.tif"`` takes ``SCAN.TIF`` too.
-        skip_dirs: folders never to walk into (the run's own output and state folders).
+        skip_dirs: folders never to walk into (the run's own output and state folders). Folders
+            below a named one that hold :data:`OWN_FOLDER_MARKER` (annotations of earlier runs)
+            are not walked either.
 
     Returns:
         (files, problems): the supported files found, sorted within each folder, and
@@ -87,6 +92,9 @@ def find_inputs(
 
             for folder, dirnames, filenames in os.walk(root, onerror=on_error):
                 relative_folder = os.path.relpath(folder, root)
+                if OWN_FOLDER_MARKER in filenames and relative_folder != ".":
+                    dirnames[:] = []
+                    continue
                 dirnames[:] = sorted(
                     d for d in dirnames
                     if not d.startswith(".")

@@ -29,7 +29,7 @@ from .confidence import accept_threshold
 from .config import Options
 from .errors import BadArgsError, ExitCode, HwrError, InputFileError, OutputError
 from .export import empty_tables, error_row, read_tables
-from .load import find_inputs
+from .load import OWN_FOLDER_MARKER, find_inputs
 from .read import (
     STAGES,
     FieldReading,
@@ -246,8 +246,17 @@ def check_outputs_writable(options: Options) -> None:
             raise OutputError(f"{directory}: the {what} folder is a file, not a folder; nothing was read")
         try:
             check_writable(directory)
+            if what == "annotation":
+                mark_own_folder(directory)
         except OSError as e:
             raise OutputError(f"{directory}: cannot write to the {what} folder ({e.strerror or e}); nothing was read") from None
+
+
+def mark_own_folder(directory: Path) -> None:
+    """Mark a folder of annotated pages so that no later run reads them as scans (see :func:`find_inputs`)."""
+    marker = Path(directory) / OWN_FOLDER_MARKER
+    if not marker.exists():
+        marker.write_text("Annotated pages written by hwr-batch: not read as scans when found in an input folder.\n")
 
 
 def _run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hwr_batch.load import find_inputs
+from hwr_batch.load import OWN_FOLDER_MARKER, find_inputs
 
 
 def touch(root: Path, *names: str) -> None:
@@ -112,3 +112,11 @@ def test_hostile_files_get_clear_reasons_and_good_ones_are_read(tmp_path, mnist_
     assert not any("OpenCV" in r or "TypeError" in r for r in reasons.values())
     read = {Path(f).name: d for f, d in zip(tables["fields"]["file"], tables["fields"]["digits"])}
     assert read == {"bom.pdf": "26", "crlf.pdf": "26"}
+
+
+def test_folders_marked_as_hwr_batch_output_are_not_walked_below_a_named_folder(tmp_path):
+    touch(tmp_path, "a.png", "annotated/a-p1-1234abcd.jpg", f"annotated/{OWN_FOLDER_MARKER}", "sub/b.png")
+    files, _ = find_inputs([tmp_path])
+    assert names(files, tmp_path) == ["a.png", "sub/b.png"]
+    named, _ = find_inputs([tmp_path / "annotated"])  # named itself: the user asked for it
+    assert names(named, tmp_path) == ["annotated/a-p1-1234abcd.jpg"]

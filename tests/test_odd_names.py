@@ -151,7 +151,7 @@ def test_annotations_are_drawn_for_odd_names(tmp_path, mnist_test_small, confide
     write_strip(inbox, name, mnist_test_small, confident_digits, "5")
     result = cli("process", inbox, "--out", tmp_path / "out", "--annotate", tmp_path / "pages", "-j", "1")
     assert result.returncode == 0, result.stderr
-    (page,) = tmp_path.joinpath("pages").iterdir()
+    (page,) = tmp_path.joinpath("pages").glob("*.jpg")
     drawn = cv2.imdecode(np.fromfile(page, np.uint8), cv2.IMREAD_COLOR)
     assert (drawn[..., 1] > drawn[..., 2] + 60).any()  # the green box of the field read was drawn
 

@@ -187,7 +187,7 @@ def test_annotations_label_fields_without_covering_print_and_are_jpeg(tmp_path, 
     form = REPO / "samples" / "page_0001.png"  # its labels used to cover the printed word "Pin"
     result = cli("process", form, "--out", tmp_path / "out", "--annotate", tmp_path / "pages")
     assert result.returncode == 0, result.stderr
-    (picture,) = (tmp_path / "pages").iterdir()
+    (picture,) = (tmp_path / "pages").glob("*.jpg")
     assert picture.suffix == ".jpg" and picture.read_bytes()[:2] == b"\xff\xd8"
     page = next(iter_pages(form)).gray
     annotated = cv2.imread(str(picture))
@@ -201,11 +201,32 @@ def test_annotations_label_fields_without_covering_print_and_are_jpeg(tmp_path, 
     cv2.imwrite(str(crop), digit_strip(mnist_test_small, [0, 1, 2]))
     result = cli("process", big, crop, "--out", tmp_path / "out2", "--annotate", tmp_path / "pages2", "--min-confidence", "1")
     assert result.returncode == 0, result.stderr
-    pictures = {p.name.split("-p1-")[0]: p for p in (tmp_path / "pages2").iterdir()}
+    pictures = {p.name.split("-p1-")[0]: p for p in (tmp_path / "pages2").glob("*.jpg")}
     assert pictures["page_0002"].stat().st_size < 3_000_000
     crop_picture = cv2.imread(str(pictures["crop"]))
     height, width = cv2.imread(str(crop), cv2.IMREAD_GRAYSCALE).shape
     assert crop_picture.shape[0] > height and crop_picture.shape[1] >= width  # a margin holds the label
+
+
+def test_annotations_inside_an_input_folder_are_never_read_as_scans(tmp_path, cli):
+    """Annotated pages written into the scans' folder by one run are not read as scans by the next,
+    even when that run does not name the annotation folder (its marker file says what it is)."""
+    import shutil
+
+    from conftest import REPO
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(REPO / "samples" / "page_0001.png", inbox)
+    result = cli("process", inbox, "--out", tmp_path / "out", "--annotate", inbox / "annotated")
+    assert result.returncode == 0, result.stderr
+    assert len(list((inbox / "annotated").glob("*.jpg"))) == 1
+    before = read_tables(tmp_path / "out")["fields"]
+    result = cli("process", inbox, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    after = read_tables(tmp_path / "out")["fields"]
+    assert set(after["file"]) == set(before["file"]) and len(after) == len(before)
+    assert "annotated" not in result.stderr
 
 
 def test_field_label_names_the_field_and_why_it_is_flagged():
