@@ -20,7 +20,7 @@ import typer
 
 from . import __version__
 from .config import FieldMode, Format, Options
-from .errors import ExitCode, HwrError, require_training_extra
+from .errors import ExitCode, HwrError, require_extra
 
 log = logging.getLogger("hwr_batch")
 
@@ -506,7 +506,7 @@ def train(
     from .errors import BadArgsError
     from .mnist import load_idx_pair
 
-    require_training_extra("train")
+    require_extra("train")
     from .train import RealFieldSet, TrainConfig, train_on_real
     from .train import train as run_training
 
@@ -579,7 +579,7 @@ def learn(
     Writes OUT/hwr-digits.onnx (use it with `process --model`), its Keras twin, the training record and
     OUT/learn.json (base model, data, figures). Says plainly whether the new model is better.
     """
-    require_training_extra("learn")
+    require_extra("learn")
     if corrections.is_dir():
         corrections = corrections / "corrections.csv"
     from .learn import LearnConfig
@@ -613,6 +613,7 @@ def review(
     Serves a local page on 127.0.0.1 with a random token in its URL (printed here); requests without it
     are refused. Crops are cut from the scans named in fields.csv, so they must still be there. Ctrl+C stops.
     """
+    require_extra("review", "review")
     from .review import start_review
 
     server = start_review(out, port=port, include_all=all_fields, state_dir=state_dir)
@@ -692,7 +693,7 @@ def export_onnx(
 
     Needs the training extra: pip install 'hwr-batch[train]'.
     """
-    require_training_extra("export-onnx")
+    require_extra("export-onnx")
     from .train import export_onnx as run_export
 
     path = run_export(keras_model, out or keras_model.with_suffix(".onnx"))

@@ -89,21 +89,22 @@ class MissingDependencyError(HwrError):
     exit_code = ExitCode.model  # 4: "the model ... or a dependency is missing"
 
 
-# Modules of the `train` extra (pyproject.toml), which `process` and `evaluate` never need.
-TRAINING_MODULES = ("tensorflow", "tf2onnx")
+# Modules of the optional extras (pyproject.toml) that a command needs; `process` and `evaluate` need none.
+EXTRA_MODULES = {"train": ("tensorflow", "tf2onnx"), "review": ("flask", "werkzeug")}
+EXTRA_NAMES = {"train": "training", "review": "review"}
 
 
-def require_training_extra(command: str) -> None:
-    """Raise a :class:`MissingDependencyError` saying how to install it, unless TensorFlow and tf2onnx are importable.
+def require_extra(command: str, extra: str = "train") -> None:
+    """Raise a :class:`MissingDependencyError` saying how to install ``extra``, unless its modules are importable.
 
-    Call it at the top of every command that trains or converts a Keras model (``train``,
-    ``export-onnx``, ``learn``), before anything is read or written. Only looks the modules up:
-    importing TensorFlow takes seconds, and the command does that itself.
+    Call it at the top of every command that needs an extra (``train``, ``export-onnx`` and ``learn``
+    the training extra; ``review`` the review extra), before anything is read or written. Only looks
+    the modules up: importing TensorFlow takes seconds, and the command does that itself.
     """
     import importlib.util
 
     missing = []
-    for name in TRAINING_MODULES:
+    for name in EXTRA_MODULES[extra]:
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):  # a broken install, or a module blocked in sys.modules
@@ -113,6 +114,6 @@ def require_training_extra(command: str) -> None:
     if missing:
         raise MissingDependencyError(
             f"`hwr-batch {command}` needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-            "not installed (reading scans does not need them). Install the training extra: "
-            "pip install 'hwr-batch[train]' (from a clone: pip install -e '.[train]')"
+            f"not installed (reading scans does not need {'it' if len(missing) == 1 else 'them'}). Install the "
+            f"{EXTRA_NAMES[extra]} extra: pip install 'hwr-batch[{extra}]' (from a clone: pip install -e '.[{extra}]')"
         )

@@ -61,21 +61,26 @@ def test_wheel_carries_the_model_and_process_runs_from_it(tmp_path):
 TRAINING_DISTRIBUTIONS = ("tensorflow", "tf2onnx", "keras", "tensorboard", "tf_keras")
 
 
-@pytest.fixture(scope="module")
-def env_without_tensorflow(tmp_path_factory) -> dict[str, str]:
-    """An environment holding every installed package but the training stack (as a plain `pip install`
-    now gives): a folder of links to this environment's site-packages less TensorFlow, tf2onnx and
-    Keras, run with `python -S` so that the real site-packages is not on the path."""
+def env_without(tmp_path_factory, distributions: tuple[str, ...]) -> dict[str, str]:
+    """An environment holding every installed package but ``distributions`` (as a plain `pip install`
+    gives): a folder of links to this environment's site-packages less those, run with `python -S`
+    so that the real site-packages is not on the path."""
     import sysconfig
 
     site = Path(sysconfig.get_paths()["purelib"])
-    farm = tmp_path_factory.mktemp("site-without-tf")
+    farm = tmp_path_factory.mktemp("site-without")
     for entry in site.iterdir():
-        if entry.name.lower().startswith(TRAINING_DISTRIBUTIONS) or entry.suffix == ".pth":
+        if entry.name.lower().startswith(distributions) or entry.suffix == ".pth":
             continue
         (farm / entry.name).symlink_to(entry)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return env | {"PYTHONPATH": os.pathsep.join([str(REPO), str(farm)])}
+
+
+@pytest.fixture(scope="module")
+def env_without_tensorflow(tmp_path_factory) -> dict[str, str]:
+    """No TensorFlow, tf2onnx or Keras: the training stack."""
+    return env_without(tmp_path_factory, TRAINING_DISTRIBUTIONS)
 
 
 def run_without_tensorflow(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -103,3 +108,12 @@ def test_training_commands_say_how_to_install_the_training_extra(env_without_ten
     assert f"`hwr-batch {command}` needs tensorflow and tf2onnx" in run.stderr
     assert "pip install 'hwr-batch[train]'" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_review_says_how_to_install_the_review_extra(tmp_path_factory, tmp_path):
+    env = env_without(tmp_path_factory, ("flask", "werkzeug"))
+    (tmp_path / "out").mkdir()
+    run = run_without_tensorflow(env, "review", str(tmp_path / "out"), "--no-browser", cwd=tmp_path)
+    assert run.returncode == 4, run.stderr
+    assert "`hwr-batch review` needs flask and werkzeug" in run.stderr
+    assert "pip install 'hwr-batch[review]'" in run.stderr and "Traceback" not in run.stderr
