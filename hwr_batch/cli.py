@@ -316,7 +316,14 @@ def process(
     if dry_run:
         return _dry_run(options)
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:
-        report = run_batch(options, should_stop=stop_requested, progress=progress)
+        try:
+            report = run_batch(options, should_stop=stop_requested, progress=progress)
+        except KeyboardInterrupt:  # a second Ctrl-C (Typer would turn it into a silent exit 130)
+            log.warning(
+                "hwr-batch: stopped at once by a second Ctrl-C; files read but not yet written are not marked "
+                "done, and the next run reads them again"
+            )
+            return int(ExitCode.ctrl_c)
     log.info("%s", report.summary(), extra={"report": report.counts()})
     for path in report.outputs:
         typer.echo(str(path))
@@ -371,8 +378,9 @@ def status(
     if last is None:
         typer.echo("last run  none")
     else:
+        skipped = "" if last.skipped is None else f", {last.skipped} skipped"  # None: stopped before its plan
         ended = (
-            f"finished {last.finished}, exit {last.exit_status}, {last.done} done, {last.failed} failed, {last.skipped} skipped"
+            f"finished {last.finished}, exit {last.exit_status}, {last.done} done, {last.failed} failed{skipped}"
             if last.finished else "did not finish (still running, or killed: the next run finishes its work)"
         )
         typer.echo(f"last run  #{last.id} started {last.started}; {ended}")

@@ -227,6 +227,30 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(tmp_path, mnist_test_sm
     assert fields_by_file(out) == truth
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_says_so_and_loses_nothing(tmp_path, mnist_test_small, confident_digits, cli):
+    folder = tmp_path / "scans"
+    truth = write_scans(folder, mnist_test_small, confident_digits, 40, seed=6)
+    out = tmp_path / "out"
+    process = subprocess.Popen(process_command(folder, out, "--batch-digits", "8"), stderr=subprocess.PIPE, text=True)
+    stderr = ""
+    for line in process.stderr:
+        stderr += line
+        if "to process" in line:  # planned: reading has begun
+            process.send_signal(signal.SIGINT)
+        if "SIGINT received" in line:  # the first asked for a clean stop; the second stops at once
+            process.send_signal(signal.SIGINT)
+            break
+    stderr += process.communicate(timeout=120)[1]
+    assert process.returncode == ExitCode.ctrl_c, stderr
+    assert "stopped at once by a second Ctrl-C" in stderr and "Traceback" not in stderr
+    status = cli("status", out)
+    assert "exit 130" in status.stdout and "None" not in status.stdout
+    rerun = subprocess.run(process_command(folder, out), check=False, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert fields_by_file(out) == truth  # every file read once, none lost, none twice
+
+
 def write_bad_files(folder: Path) -> dict[str, str]:
     """Every kind of bad input; returns {absolute path: a phrase its error must contain}."""
     folder.mkdir(parents=True, exist_ok=True)
