@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 
-from .annotate import annotate_files
+from .annotate import annotate_files, annotation_path
 from .atomic import check_writable, remove_stale_temp_files
 from .classify import Classifier, load_classifier
 from .cluster import check_workers, connect, iter_cluster_readings, require_dask
@@ -282,6 +282,7 @@ def _run(
     if options.jobs > 1 and client is None and sum(d.process for d in decisions) > 1:
         start_worker_server()  # a pool will read them: its imports overlap reading the tables back
     options, tables, decisions = _tables_to_update(options, templates, decisions, report.run_id)
+    _log_missing_annotations(decisions, options)
     store = ResultStore(tables, options=options, db=db, model_sha=classifier.sha256, report=report)
     store.note_content(decisions)
     pruned = _drop_deleted_files(store, db, options)
@@ -320,6 +321,26 @@ def _tables_to_update(
     # cumulative: every file's latest rows, carried over from earlier runs
     tables = read_tables(options.out_dir, options.fmt, forms)
     return options, tables, redo_files_whose_rows_do_not_match(tables, decisions)
+
+
+def _log_missing_annotations(decisions: list[Decision], options: Options) -> None:
+    """Say how many files done before (and not read again now) lack an annotated page in the annotation folder.
+
+    They are not read again for it: an annotation folder is often cleared to save space, and a
+    nightly run should not then redo every file. ``--force`` redraws them.
+    """
+    if options.annotate_dir is None:
+        return
+    missing = sum(
+        1 for d in decisions
+        if not d.process and d.kind == "done" and d.previous is not None and d.previous.pages
+        and not all(annotation_path(options.annotate_dir, d.path, page).exists() for page in range(1, d.previous.pages + 1))
+    )
+    if missing:
+        log.info(
+            "%d files done before have no annotated page in %s (done without --annotate, or their pictures "
+            "were removed); they are not read again for it: --force redraws them", missing, options.annotate_dir,
+        )
 
 
 def _drop_deleted_files(store: ResultStore, db: StateDB, options: Options) -> list[Path]:

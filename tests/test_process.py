@@ -229,6 +229,24 @@ def test_annotations_inside_an_input_folder_are_never_read_as_scans(tmp_path, cl
     assert "annotated" not in result.stderr
 
 
+def test_a_run_says_when_files_done_before_lack_their_annotations(tmp_path, cli):
+    """Removed annotations are not redrawn by reading the files again each night (annotation folders
+    get cleared to save space), but the run says so, and --force redraws them."""
+    from conftest import REPO
+
+    form, out, pages = REPO / "samples" / "page_0001.png", tmp_path / "out", tmp_path / "pages"
+    assert cli("process", form, "--out", out, "--annotate", pages).returncode == 0
+    (picture,) = pages.glob("*.jpg")
+    picture.unlink()
+    result = cli("process", form, "--out", out, "--annotate", pages)
+    assert result.returncode == 0, result.stderr
+    assert "1 files done before have no annotated page" in result.stderr and "--force redraws them" in result.stderr
+    assert not picture.exists()
+    result = cli("process", form, "--out", out, "--annotate", pages, "--force")
+    assert result.returncode == 0, result.stderr
+    assert picture.exists() and "no annotated page" not in result.stderr
+
+
 def test_field_label_names_the_field_and_why_it_is_flagged():
     from hwr_batch.annotate import field_label
 
