@@ -465,6 +465,25 @@ def _recover_end_cells(
     return row
 
 
+def _even_cells(bounds: list[int]) -> list[int]:
+    """A comb's cell bounds with those a digit hid put back: a comb's cells are equal.
+
+    With three cells or more, a cell k times the median width (within a fifth of a cell) is k cells:
+    a digit stroke over a tick hid it (the comb would read a cell short and flag a true reading).
+    """
+    if len(bounds) < 4:
+        return bounds
+    widths = [b - a for a, b in itertools.pairwise(bounds)]
+    pitch = float(np.median(widths))
+    out = [bounds[0]]
+    for a, b in itertools.pairwise(bounds):
+        k = round((b - a) / pitch)
+        if k >= 2 and abs(b - a - k * pitch) <= 0.2 * pitch:
+            out.extend(round(a + i * (b - a) / k) for i in range(1, k))
+        out.append(b)
+    return out
+
+
 def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float, seps: list[int] = ()) -> tuple[np.ndarray, list[int]]:
     """Whiten a box's border lines, comb ticks and stray outside ink; return (image, tick x positions).
 
@@ -559,7 +578,7 @@ def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.nd
         seps = [round(((c[0] - 1) + (p[0] + p[2])) / 2 / s - bx0) for p, c in itertools.pairwise(cells)]
         image, ticks = _clean_box(crop, inner, px_mm, seps)
         edges = seps or ticks
-        bounds = [inner[0], *edges, inner[0] + inner[2]]
+        bounds = _even_cells([inner[0], *edges, inner[0] + inner[2]])
         cell_ranges = tuple((a, b) for a, b in itertools.pairwise(bounds)) if len(bounds) > 2 else ()
         lt = max(1, int(0.15 * px_mm))  # half a typical line width: the truth boxes include the border
         outer = (round(ix) - lt, round(iy) - lt, round(iw) + 2 * lt, round(ih) + 2 * lt)

@@ -191,3 +191,22 @@ def test_a_rule_joined_to_a_comb_adds_no_cell(n, tick):
     (field,) = find_fields(page, mode="boxes", dpi=300)
     assert iou(field.bbox, (x0, y0, n * cell, height)) > 0.9, field.bbox
     assert len(field.cells) == (n if n > 1 else 0), field.cells
+
+
+@pytest.mark.parametrize("name", ["page_0001.png", "page_0002.jpg"])
+def test_a_comb_whose_tick_a_digit_hides_keeps_all_its_cells(name):
+    # On page_0001 a digit's stroke covers the second tick of a seven-cell comb: the comb was read as six
+    # cells, one twice as wide, and a template made from the page expected six digits where seven stand.
+    import json
+
+    from conftest import REPO
+
+    truth = json.loads((REPO / "samples" / name).with_suffix(".json").read_text())
+    page = cv2.imread(str(REPO / "samples" / name), cv2.IMREAD_GRAYSCALE)
+    fields = find_fields(page, mode="boxes", dpi=truth["dpi"])
+    combs = [f for f in truth["fields"] if f["kind"] == "comb" and f["cells"] > 1]
+    assert combs
+    for comb in combs:
+        found = max(fields, key=lambda f: iou(f.bbox, comb["bbox"]))
+        assert iou(found.bbox, comb["bbox"]) > 0.8
+        assert len(found.cells) == comb["cells"], (comb["text"], found.cells)
