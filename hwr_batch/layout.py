@@ -99,14 +99,15 @@ def guess_dpi(shape: tuple[int, ...]) -> float:
 
 
 def _full_page_dpi(shape: tuple[int, ...]) -> float | None:
-    """The dpi of a page with A4 or US Letter proportions, taken as a full page; None for other shapes."""
-    h, w = shape[:2]
-    if w >= 800 and h > w:
-        ratio = h / w
+    """The dpi of a page with A4 or US Letter proportions, upright or on its side, taken as a full page;
+    None for other shapes."""
+    short, long = sorted(shape[:2])
+    if short >= 800 and long > short:
+        ratio = long / short
         if 1.38 <= ratio <= 1.45:
-            return w / (210 / MM_PER_INCH)
+            return short / (210 / MM_PER_INCH)
         if 1.25 <= ratio < 1.38:
-            return w / 8.5
+            return short / 8.5
     return None
 
 
