@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -13,7 +14,11 @@ import numpy as np
 
 from .errors import InputFileError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pbm", ".pgm", ".ppm", ".gif"})
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".webp", ".pbm", ".pgm", ".ppm", ".gif"}
+)
 PDF_SUFFIXES = frozenset({".pdf"})
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | PDF_SUFFIXES
 DEFAULT_PDF_DPI = 300
@@ -72,6 +77,7 @@ def find_inputs(
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
+    other_types: list[str] = []  # files in the folders that are not scans of a supported type
 
     def matches(patterns: tuple[str, ...], relative: str) -> bool:
         # Case-insensitive, as on Windows: scanners write "SCAN_0001.TIF" as often as "scan_0001.tif".
@@ -103,7 +109,10 @@ def find_inputs(
                 )
                 for name in sorted(filenames):
                     relative = os.path.normpath(os.path.join(relative_folder, name))
-                    if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES or name.startswith("."):
+                    if name.startswith("."):
+                        continue
+                    if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
+                        other_types.append(os.path.join(folder, name))
                         continue
                     if matches(exclude, relative) or (include and not matches(include, relative)):
                         continue
@@ -112,6 +121,11 @@ def find_inputs(
             add(root)  # named explicitly: taken whatever it is; a broken link or a FIFO fails at load, named
         else:
             problems.append((root, "no such file or folder"))
+    if other_types:  # a scanner that writes "scan001" with no suffix would otherwise be ignored for ever
+        log.info(
+            "left alone %d files in the input folders whose names do not end as an image's or a PDF's "
+            "(see --help), e.g. %s", len(other_types), ", ".join(other_types[:3]),
+        )
     return files, problems
 
 

@@ -25,6 +25,14 @@ def test_folders_are_walked_for_supported_files_in_a_stable_order(tmp_path):
     assert problems == [(tmp_path / "missing", "no such file or folder")]
 
 
+def test_files_of_other_types_are_left_alone_and_counted_in_the_log(tmp_path, caplog):
+    touch(tmp_path, "scan001", "b.jfif", "notes.txt", "a.png")
+    with caplog.at_level("INFO", logger="hwr_batch.load"):
+        files, _ = find_inputs([tmp_path])
+    assert names(files, tmp_path) == ["a.png", "b.jfif"]
+    assert "left alone 2 files" in caplog.text and "notes.txt" in caplog.text and "scan001" in caplog.text
+
+
 def test_include_and_exclude_globs_ignore_case(tmp_path):
     touch(tmp_path, "SCAN_0001.TIF", "scan_0002.tif", "cover.png", "Rejected/SCAN_0003.TIF", "rejected/x.tif")
     included, _ = find_inputs([tmp_path], include=["*.tif"])
