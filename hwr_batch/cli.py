@@ -272,7 +272,9 @@ def process(
         bool,
         typer.Option(
             "--reprocess-stale/--no-reprocess-stale",
-            help="Redo files read with a different model (otherwise only counted as stale).",
+            help="Redo files read with a different model, or with other settings that change what is read "
+                 "(--fields, --dpi, --pdf-dpi, --target-error, --min-confidence, --template); otherwise they are only "
+                 "counted as stale.",
         ),
     ] = DEFAULTS.reprocess_stale,
     prune: Annotated[
