@@ -315,6 +315,9 @@ def process(
     if not params["inputs"]:
         raise BadArgsError("no scans given: name files or folders, or set `inputs` in the --config file")
     options = options_from(params)
+    if options.min_confidence is not None and ctx.get_parameter_source("target_error").name != "DEFAULT":
+        log.warning("--min-confidence %g is used and --target-error %g is not: give one of the two",
+                    options.min_confidence, options.target_error)
     if dry_run:
         return _dry_run(options)
     with _stop_on_signals() as stop_requested, _progress_bar() as progress:

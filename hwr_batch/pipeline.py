@@ -131,7 +131,9 @@ class BatchReport:
             "known_failures": self.known_failures, "failed": self.failed, "stale": self.stale, "pages": self.pages, "fields": self.fields,
             "accepted_fields": self.accepted_fields, "flagged_fields": self.flagged_fields, "digits": self.digits,
             "unregistered_pages": self.unregistered_pages,
-            "seconds": round(self.seconds, 3), "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3), "pages_per_second": round(self.pages_per_second, 3),
+            **{f"{stage}_seconds": round(seconds, 3) for stage, seconds in self.stage_seconds.items()},
+            "interrupted": self.interrupted,
         }
 
     def summary(self) -> str:

@@ -22,6 +22,17 @@ def test_help_lists_the_commands_and_exit_codes(cli):
     assert "7 another run holds the lock" in text and "130 interrupted" in text
 
 
+def test_min_confidence_given_with_target_error_says_which_one_is_used(cli, tmp_path):
+    from conftest import REPO
+
+    page = REPO / "samples" / "page_0001.png"
+    both = cli("process", page, "-o", tmp_path / "a", "--min-confidence", "0.9", "--target-error", "0.02")
+    assert both.returncode == 0, both.stderr
+    assert "--min-confidence 0.9 is used and --target-error 0.02 is not" in both.stderr
+    alone = cli("process", page, "-o", tmp_path / "b", "--min-confidence", "0.9")
+    assert alone.returncode == 0 and "is not:" not in alone.stderr
+
+
 def test_version(cli):
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("hwr-batch 0.")

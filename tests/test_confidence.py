@@ -225,6 +225,7 @@ def test_target_error_sets_how_much_is_accepted(cli, tmp_path, mnist_test_small,
         assert report["fields"] == len(runs[target])
         assert report["flagged_fields"] == runs[target]["flagged"].sum()
         assert report["accepted_fields"] == (~runs[target]["flagged"]).sum()
+        assert report["pages"] == 2 and report["pages_per_second"] > 0 and report["classify_seconds"] > 0
     loose, strict = runs["0.5"], runs["0.001"]
     record = Calibration.load(calibration_path(shipped_model))
     thresholds = {0.5: record.threshold(0.5), 0.001: record.threshold(0.001)}
