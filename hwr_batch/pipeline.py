@@ -28,7 +28,7 @@ from .cluster import check_workers, connect, iter_cluster_readings, require_dask
 from .confidence import accept_threshold
 from .config import Options
 from .errors import BadArgsError, ExitCode, HwrError, InputFileError, OutputError
-from .export import empty_tables, error_row, read_tables
+from .export import FORMATS, empty_tables, error_row, output_paths, read_tables
 from .load import OWN_FOLDER_MARKER, find_inputs
 from .read import (
     STAGES,
@@ -322,7 +322,12 @@ def _tables_to_update(
         return replace(options, out_dir=out_dir), empty_tables(forms), decisions
     # cumulative: every file's latest rows, carried over from earlier runs
     tables = read_tables(options.out_dir, options.fmt, forms)
-    return options, tables, redo_files_whose_rows_do_not_match(tables, decisions)
+    why = "tables deleted, cut short, or edited"
+    others = [p for fmt in FORMATS if fmt != options.fmt for p in output_paths(options.out_dir, fmt).values()]
+    if not output_paths(options.out_dir, options.fmt)["fields"].exists() and any(p.exists() for p in others):
+        why = (f"the tables are now written as {options.fmt}; the {', '.join(sorted({p.name for p in others if p.exists()}))} "
+               "of earlier runs stay as they were and are no longer updated")
+    return options, tables, redo_files_whose_rows_do_not_match(tables, decisions, why=why)
 
 
 def _log_missing_annotations(decisions: list[Decision], options: Options) -> None:

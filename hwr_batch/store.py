@@ -179,14 +179,16 @@ WRITE_INTERVAL_FACTOR = 4.0
 MAX_SECONDS_UNWRITTEN = 300.0  # however slow the write, at most this much work waits to be written
 
 
-def redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decisions: list[Decision]) -> list[Decision]:
+def redo_files_whose_rows_do_not_match(
+    tables: dict[str, pd.DataFrame], decisions: list[Decision], *, why: str = "tables deleted, cut short, or edited"
+) -> list[Decision]:
     """Files the state records as read whose rows in the tables read back are not what it recorded
     (the tables were deleted, written in the other format, cut short by a partial restore, or
     edited): process them again, so the cumulative tables never silently lose or keep wrong rows.
 
     A done file must have as many digit rows as the digits recorded, and field rows whose digit
     counts add up to as many, and (with templates) a row in the forms tables per page recorded; a failed
-    file (not retried) must have its row in the errors table.
+    file (not retried) must have its row in the errors table. ``why``: the likely cause the warning gives.
     """
     forms = [name for name in tables if name not in TABLE_COLUMNS]  # process --template: a row per page
     form_rows = Counter(file for name in forms for file in tables[name]["file"])
@@ -219,7 +221,7 @@ def redo_files_whose_rows_do_not_match(tables: dict[str, pd.DataFrame], decision
     if count:
         log.warning(
             "%d file(s) read again: their rows in the output tables are not what the state database records "
-            "(tables deleted, cut short, or edited)", count,
+            "(%s)", count, why,
         )
     return redone
 

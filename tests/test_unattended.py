@@ -349,6 +349,7 @@ def test_tables_deleted_or_format_switched_are_rebuilt(tmp_path, mnist_test_smal
     assert fields_by_file(out) == truth
     xlsx = cli("process", folder, "--out", out, "--jobs", "1", "--format", "xlsx")
     assert xlsx.returncode == 0 and "3 to process" in xlsx.stderr
+    assert "now written as xlsx; the digits.csv, errors.csv, fields.csv, pages.csv of earlier runs stay" in xlsx.stderr
     assert dict(zip(*read_tables(out, "xlsx")["fields"][["file", "digits"]].T.values)) == truth
 
 
