@@ -393,7 +393,8 @@ def status(
         to_do = Counter(d.kind for d in report.pending.to_process)
         typer.echo(f"pending   {sum(to_do.values())} to process ({_kinds(to_do)}) of {len(report.pending.decisions)} found")
     for record in report.failed[:STATUS_FAILED_SHOWN]:
-        typer.echo(f"failed    {record.path} ({record.error_stage}): {record.error}")
+        reason = (record.error or "").removeprefix(f"{record.path}: ")  # the line names the file already
+        typer.echo(f"failed    {record.path} ({record.error_stage}): {reason}")
     if len(report.failed) > STATUS_FAILED_SHOWN:
         typer.echo(f"failed    ... and {len(report.failed) - STATUS_FAILED_SHOWN} more (see errors.csv)")
     return int(ExitCode.ok)

@@ -231,7 +231,7 @@ def test_status_says_what_is_done_failed_stale_and_pending(three_scans, tmp_path
     assert status.returncode == 0, status.stderr
     assert "4 recorded: 3 done, 1 failed, 0 stale" in status.stdout
     assert "last run  #1" in status.stdout and "exit 1, 3 done, 1 failed" in status.stdout
-    assert f"failed    {folder / 'broken.png'} (load)" in status.stdout
+    assert f"failed    {folder / 'broken.png'} (load): not an image or PDF file" in status.stdout
 
     write_scans(tmp_path / "more", mnist_test_small, confident_digits, 1, seed=24)
     (tmp_path / "more" / "scan_000.png").rename(folder / "late.png")
