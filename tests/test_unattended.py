@@ -555,7 +555,10 @@ def test_a_file_whose_reader_process_dies_is_reported_and_the_rest_are_read(tmp_
     while process.poll() is None:
         for pid in _processes_reading(fatal):
             if pid != process.pid:  # the main process only stats it; a worker decodes it
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # gone between the look in /proc and the kill (killed a moment ago)
+                    continue
                 kills += 1
         time.sleep(0.002)
     stderr = process.communicate()[1]
