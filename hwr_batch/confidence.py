@@ -28,11 +28,11 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
+from .layout import regular_cells
 from .segment import FieldCandidates, Reading, reading_margin
 
 log = logging.getLogger(__name__)
@@ -128,28 +128,6 @@ def hard_flags(
     if len(cells) >= 2 and comb_count_mismatch(cands, reading, cells):
         reasons.append("count_mismatch")
     return reasons
-
-
-def regular_cells(cells: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
-    """A comb's cells with the dividers the layout missed put back, or () if they do not look like a comb's.
-
-    A comb's cells are equally wide, so a cell about k times the median width is k cells (a divider hidden
-    under ink or broken in the scan); cells of other widths (say 1.5 times) are not a comb's, and the
-    digit count is not checked against them.
-    """
-    if len(cells) < 2:
-        return ()
-    width = float(np.median([x1 - x0 for x0, x1 in cells]))
-    out: list[tuple[int, int]] = []
-    for x0, x1 in cells:
-        ratio = (x1 - x0) / max(width, 1.0)
-        k = round(ratio)
-        if k < 1 or abs(ratio - k) > 0.2:
-            return ()
-        k = max(1, k)
-        edges = np.linspace(x0, x1, k + 1).round().astype(int)
-        out.extend((int(a), int(b)) for a, b in pairwise(edges))
-    return tuple(out)
 
 
 def comb_count_mismatch(cands: FieldCandidates, reading: Reading, cells: tuple[tuple[int, int], ...]) -> bool:

@@ -466,23 +466,26 @@ def _recover_end_cells(
     return row
 
 
-def _even_cells(bounds: list[int]) -> list[int]:
-    """A comb's cell bounds with those a digit hid put back: a comb's cells are equal.
+def regular_cells(cells: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """A comb's cells with the dividers the layout missed put back, or () if they do not look like a comb's.
 
-    With three cells or more, a cell k times the median width (within a fifth of a cell) is k cells:
-    a digit stroke over a tick hid it (the comb would read a cell short and flag a true reading).
+    A comb's cells are equally wide, so a cell about k times the median width is k cells (a divider hidden
+    under ink or broken in the scan); cells of other widths (say 1.5 times) are not a comb's, and the
+    digit count is not checked against them.
     """
-    if len(bounds) < 4:
-        return bounds
-    widths = [b - a for a, b in itertools.pairwise(bounds)]
-    pitch = float(np.median(widths))
-    out = [bounds[0]]
-    for a, b in itertools.pairwise(bounds):
-        k = round((b - a) / pitch)
-        if k >= 2 and abs(b - a - k * pitch) <= 0.2 * pitch:
-            out.extend(round(a + i * (b - a) / k) for i in range(1, k))
-        out.append(b)
-    return out
+    if len(cells) < 2:
+        return ()
+    width = float(np.median([x1 - x0 for x0, x1 in cells]))
+    out: list[tuple[int, int]] = []
+    for x0, x1 in cells:
+        ratio = (x1 - x0) / max(width, 1.0)
+        k = round(ratio)
+        if k < 1 or abs(ratio - k) > 0.2:
+            return ()
+        k = max(1, k)
+        edges = np.linspace(x0, x1, k + 1).round().astype(int)
+        out.extend((int(a), int(b)) for a, b in itertools.pairwise(edges))
+    return tuple(out)
 
 
 def _clean_box(crop: np.ndarray, inner: tuple[int, int, int, int], px_mm: float, seps: list[int] = ()) -> tuple[np.ndarray, list[int]]:
@@ -579,8 +582,10 @@ def _box_fields(gray: np.ndarray, bw: np.ndarray, s: float, dpi: float, m: np.nd
         seps = [round(((c[0] - 1) + (p[0] + p[2])) / 2 / s - bx0) for p, c in itertools.pairwise(cells)]
         image, ticks = _clean_box(crop, inner, px_mm, seps)
         edges = seps or ticks
-        bounds = _even_cells([inner[0], *edges, inner[0] + inner[2]])
+        bounds = [inner[0], *edges, inner[0] + inner[2]]
         cell_ranges = tuple((a, b) for a, b in itertools.pairwise(bounds)) if len(bounds) > 2 else ()
+        if len(cell_ranges) >= 3:  # a tick a digit hid: the comb would read a cell short (and flag a true reading)
+            cell_ranges = regular_cells(cell_ranges) or cell_ranges
         lt = max(1, int(0.15 * px_mm))  # half a typical line width: the truth boxes include the border
         outer = (round(ix) - lt, round(iy) - lt, round(iw) + 2 * lt, round(ih) + 2 * lt)
         found.append(Field(_to_page(m_inv, outer, gray.shape), image, "box", inner, cell_ranges, _shifted(m_inv, bx0, by0)))
