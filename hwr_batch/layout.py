@@ -99,15 +99,14 @@ def guess_dpi(shape: tuple[int, ...]) -> float:
 
 
 def _full_page_dpi(shape: tuple[int, ...]) -> float | None:
-    """The dpi of a page with A4 or US Letter proportions, upright or on its side, taken as a full page;
-    None for other shapes."""
-    short, long = sorted(shape[:2])
-    if short >= 800 and long > short:
-        ratio = long / short
+    """The dpi of a page with A4 or US Letter proportions, taken as a full page; None for other shapes."""
+    h, w = shape[:2]
+    if w >= 800 and h > w:
+        ratio = h / w
         if 1.38 <= ratio <= 1.45:
-            return short / (210 / MM_PER_INCH)
+            return w / (210 / MM_PER_INCH)
         if 1.25 <= ratio < 1.38:
-            return short / 8.5
+            return w / 8.5
     return None
 
 
