@@ -99,6 +99,7 @@ def find_inputs(
             for folder, dirnames, filenames in os.walk(root, onerror=on_error):
                 relative_folder = os.path.relpath(folder, root)
                 if OWN_FOLDER_MARKER in filenames and relative_folder != ".":
+                    log.info("%s: not read: it holds annotated pages an earlier run wrote (%s marks it)", folder, OWN_FOLDER_MARKER)
                     dirnames[:] = []
                     continue
                 dirnames[:] = sorted(

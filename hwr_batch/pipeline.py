@@ -184,6 +184,7 @@ def run_batch(
     started = time.perf_counter()
     report = BatchReport()
     check_inputs_exist(options.inputs)
+    check_annotation_folder(options)
     check_outputs_writable(options)  # before the lock, whose file is in OUT: an unwritable OUT is exit 5
     # One lock on the state folder, and one on the output folder: two runs writing the same tables
     # with different state folders would otherwise overwrite each other's rows. Taken first, so that
@@ -217,6 +218,25 @@ def run_batch(
         report.seconds = time.perf_counter() - started
         finish_run(db, run_id, exit_status=int(report.exit_code), planned=report.files_found, skipped=report.skipped)
     return report
+
+
+def check_annotation_folder(options: Options) -> None:
+    """Refuse an ``--annotate`` folder that is an input folder or holds one: its pictures would be read as
+    scans, and its marker (:data:`~hwr_batch.load.OWN_FOLDER_MARKER`) would hide the scans from later walks.
+
+    Raises:
+        BadArgsError: naming both folders (exit code 2); nothing has been read or written.
+    """
+    if options.annotate_dir is None:
+        return
+    annotations = Path(os.path.realpath(options.annotate_dir))
+    for source in options.inputs:
+        folder = Path(os.path.realpath(source))
+        if folder.is_dir() and (folder == annotations or annotations in folder.parents):
+            raise BadArgsError(
+                f"--annotate {options.annotate_dir}: the annotation folder is, or holds, the input folder {source}; "
+                "its pictures would be read as scans: choose a folder of their own (inside an input folder is fine)"
+            )
 
 
 def check_inputs_exist(inputs: Iterable[Path]) -> None:

@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hwr_batch.errors import ExitCode
 from hwr_batch.export import read_tables
 from hwr_batch.layout import box_iou
+from hwr_batch.load import OWN_FOLDER_MARKER
 from hwr_batch.synth import write_forms
 
 FORMATS = ("png", "jpg", "tif-multi", "pdf", "tif-g4")
@@ -226,7 +228,11 @@ def test_annotations_inside_an_input_folder_are_never_read_as_scans(tmp_path, cl
     assert result.returncode == 0, result.stderr
     after = read_tables(tmp_path / "out")["fields"]
     assert set(after["file"]) == set(before["file"]) and len(after) == len(before)
-    assert "annotated" not in result.stderr
+    assert "holds annotated pages an earlier run wrote" in result.stderr
+    for folder in (inbox, tmp_path):  # the input folder itself, or a folder holding it: refused before any work
+        refused = cli("process", inbox, "--out", tmp_path / "out2", "--annotate", folder)
+        assert refused.returncode == ExitCode.bad_args and "its pictures would be read as scans" in refused.stderr
+        assert not (folder / OWN_FOLDER_MARKER).exists() and not (tmp_path / "out2").exists()
 
 
 def test_a_run_says_when_files_done_before_lack_their_annotations(tmp_path, cli):
