@@ -307,15 +307,16 @@ def process(
     from .pipeline import run_batch
 
     params = dict(ctx.params)
+    given = {name for name in params if (source := ctx.get_parameter_source(name)) is not None and source.name != "DEFAULT"}
     if config is not None:  # the file fills in only what the command line and environment left at default
         for name, value in read_config_file(config).items():
-            source = ctx.get_parameter_source(name)
-            if source is None or source.name == "DEFAULT":
+            if name not in given:
                 params[name] = value
+                given.add(name)
     if not params["inputs"]:
         raise BadArgsError("no scans given: name files or folders, or set `inputs` in the --config file")
     options = options_from(params)
-    if options.min_confidence is not None and ctx.get_parameter_source("target_error").name != "DEFAULT":
+    if options.min_confidence is not None and "target_error" in given:
         log.warning("--min-confidence %g is used and --target-error %g is not: give one of the two",
                     options.min_confidence, options.target_error)
     if dry_run:
@@ -325,7 +326,7 @@ def process(
             report = run_batch(options, should_stop=stop_requested, progress=progress)
         except KeyboardInterrupt:  # a second Ctrl-C (Typer would turn it into a silent exit 130)
             log.warning(
-                "hwr-batch: stopped at once by a second Ctrl-C; files read but not yet written are not marked "
+                "stopped at once by a second Ctrl-C; files read but not yet written are not marked "
                 "done, and the next run reads them again"
             )
             return int(ExitCode.ctrl_c)

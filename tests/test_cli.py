@@ -31,6 +31,10 @@ def test_min_confidence_given_with_target_error_says_which_one_is_used(cli, tmp_
     assert "--min-confidence 0.9 is used and --target-error 0.02 is not" in both.stderr
     alone = cli("process", page, "-o", tmp_path / "b", "--min-confidence", "0.9")
     assert alone.returncode == 0 and "is not:" not in alone.stderr
+    config = tmp_path / "nightly.toml"  # the nightly job's way: one of them in its config file
+    config.write_text("[process]\ntarget-error = 0.02\n")
+    mixed = cli("process", page, "-o", tmp_path / "c", "--config", config, "--min-confidence", "0.9", "--dry-run")
+    assert mixed.returncode == 0 and "--min-confidence 0.9 is used and --target-error 0.02 is not" in mixed.stderr
 
 
 def test_version(cli):
