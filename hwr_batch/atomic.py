@@ -283,6 +283,14 @@ def display_path(path: os.PathLike[str] | str | bytes) -> str:
     return display_text(os.fsdecode(path))
 
 
+def reason_without_file(file: os.PathLike[str] | str, reason: str) -> str:
+    """``reason`` without the file name a logged message starts with (as given, or as
+    :func:`display_text` shows it), for places that name the file already."""
+    for name in (os.fspath(file), display_text(os.fspath(file))):
+        reason = reason.removeprefix(f"{name}: ")
+    return reason
+
+
 _DISPLAY_ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|(\\))")
 
 

@@ -375,6 +375,7 @@ def status(
 
     Stale: done with a model or settings other than the last run's. Reads only; safe while a run is going on.
     """
+    from .atomic import display_path, reason_without_file
     from .status import read_status
 
     report = read_status(out, state_dir=state_dir, inputs=tuple(inputs or ()))
@@ -394,8 +395,8 @@ def status(
         to_do = Counter(d.kind for d in report.pending.to_process)
         typer.echo(f"pending   {sum(to_do.values())} to process ({_kinds(to_do)}) of {len(report.pending.decisions)} found")
     for record in report.failed[:STATUS_FAILED_SHOWN]:
-        reason = (record.error or "").removeprefix(f"{record.path}: ")  # the line names the file already
-        typer.echo(f"failed    {record.path} ({record.error_stage}): {reason}")
+        reason = reason_without_file(record.path, record.error or "")  # the line names the file already
+        typer.echo(f"failed    {display_path(record.path)} ({record.error_stage}): {reason}")
     if len(report.failed) > STATUS_FAILED_SHOWN:
         typer.echo(f"failed    ... and {len(report.failed) - STATUS_FAILED_SHOWN} more (see errors.csv)")
     return int(ExitCode.ok)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_output, atomic_path, display_text
+from .atomic import atomic_output, atomic_path, display_text, reason_without_file
 from .errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ XLSX_MAX_ROWS = 1_048_575  # data rows a worksheet holds (Excel's 1,048,576 less
 def error_row(file: os.PathLike[str] | str, page: int | None, stage: str, reason: str) -> dict[str, object]:
     """A row of the ``errors`` table. The reason loses the file name a logged message starts with:
     the row's ``file`` column says it already."""
-    return {"file": str(file), "page": page, "stage": stage, "reason": reason.removeprefix(f"{file}: ")}
+    return {"file": str(file), "page": page, "stage": stage, "reason": reason_without_file(file, reason)}
 
 
 def empty_tables(forms: Mapping[str, list[str]] | None = None) -> dict[str, pd.DataFrame]:
@@ -250,7 +250,7 @@ def read_tables(out_dir: Path, fmt: str = "csv", forms: Mapping[str, list[str]] 
             frame = frame[whole].reset_index(drop=True)
         if name == "errors":  # rows written before 2026-12-07 began their reason with the row's file name
             frame["reason"] = [
-                r.removeprefix(f"{f}: ") if isinstance(r, str) else r for f, r in zip(frame["file"], frame["reason"])
+                reason_without_file(f, r) if isinstance(r, str) else r for f, r in zip(frame["file"], frame["reason"])
             ]
         frame.attrs[CUT_SHORT_AT] = cut_at
         tables[name] = frame

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .atomic import reason_without_file
 from .export import FORMULA_TRIGGERS
 from .layout import MM_PER_INCH, analyse_page, box_iou, deskew
 
@@ -358,7 +359,7 @@ def read_forms(paths: list[Path], templates: list[Template], classifier, *, thre
                 if reading.template is None:
                     errors.append(unregistered_error(file, page.index + 1))
         except HwrError as e:
-            errors.append({"file": file, "page": None, "stage": "load", "reason": str(e).removeprefix(f"{path}: ")})
+            errors.append({"file": file, "page": None, "stage": "load", "reason": reason_without_file(path, str(e))})
     return tables, errors
 
 

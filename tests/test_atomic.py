@@ -20,6 +20,7 @@ from hwr_batch.atomic import (
     atomic_path,
     atomic_write,
     is_temp_file,
+    reason_without_file,
     remove_stale_temp_files,
     temp_path_for,
 )
@@ -251,3 +252,10 @@ def test_neutralise_formulas_labels_and_dtypes():
     assert out["s"].tolist()[0] == "'+x" and pd.isna(out["s"].tolist()[1]) and out["s"].dtype == df["s"].dtype
     assert out["when"].tolist() == df["when"].tolist() and out["when"].dtype == df["when"].dtype
     assert out["n"].tolist() == [1, 2]
+
+
+def test_a_reason_loses_its_file_name_as_given_or_as_shown():
+    odd = os.fsdecode(b"/in/lat\xe9\n.png")  # not UTF-8, and a line break
+    assert reason_without_file(odd, f"{odd}: not an image") == "not an image"
+    assert reason_without_file(odd, "/in/lat\\xe9\\x0a.png: not an image") == "not an image"  # as display_text shows it
+    assert reason_without_file("/in/a.png", "/in/b.png: gone") == "/in/b.png: gone"  # another file's name stays
