@@ -522,7 +522,7 @@ def train(
     from .errors import BadArgsError
     from .mnist import load_idx_pair
 
-    require_extra("train")
+    require_extra("train", "train")
     from .train import RealFieldSet, TrainConfig, train_on_real
     from .train import train as run_training
 
@@ -595,7 +595,7 @@ def learn(
     Writes OUT/hwr-digits.onnx (use it with `process --model`), its Keras twin, the training record and
     OUT/learn.json (base model, data, figures). Says plainly whether the new model is better.
     """
-    require_extra("learn")
+    require_extra("learn", "train")
     if corrections.is_dir():
         corrections = corrections / "corrections.csv"
     from .learn import LearnConfig
@@ -709,7 +709,7 @@ def export_onnx(
 
     Needs the training extra: pip install 'hwr-batch[train]'.
     """
-    require_extra("export-onnx")
+    require_extra("export-onnx", "train")
     from .train import export_onnx as run_export
 
     path = run_export(keras_model, out or keras_model.with_suffix(".onnx"))

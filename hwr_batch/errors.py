@@ -90,11 +90,11 @@ class MissingDependencyError(HwrError):
 
 
 # Modules of the optional extras (pyproject.toml) that a command needs; `process` and `evaluate` need none.
-EXTRA_MODULES = {"train": ("tensorflow", "tf2onnx"), "review": ("flask", "werkzeug")}
+EXTRA_MODULES = {"train": ("tensorflow", "tf2onnx", "lightgbm", "onnxmltools"), "review": ("flask", "werkzeug")}
 EXTRA_NAMES = {"train": "training", "review": "review"}
 
 
-def require_extra(command: str, extra: str = "train") -> None:
+def require_extra(command: str, extra: str) -> None:
     """Raise a :class:`MissingDependencyError` saying how to install ``extra``, unless its modules are importable.
 
     Call it at the top of every command that needs an extra (``train``, ``export-onnx`` and ``learn``

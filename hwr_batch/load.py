@@ -77,7 +77,8 @@ def find_inputs(
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
-    other_types: list[str] = []  # files in the folders that are not scans of a supported type
+    other_types = 0  # files in the folders that are not scans of a supported type
+    examples: list[str] = []
 
     def matches(patterns: tuple[str, ...], relative: str) -> bool:
         # Case-insensitive, as on Windows: scanners write "SCAN_0001.TIF" as often as "scan_0001.tif".
@@ -113,7 +114,9 @@ def find_inputs(
                     if name.startswith("."):
                         continue
                     if Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
-                        other_types.append(os.path.join(folder, name))
+                        other_types += 1
+                        if len(examples) < 3:
+                            examples.append(os.path.join(folder, name))
                         continue
                     if matches(exclude, relative) or (include and not matches(include, relative)):
                         continue
@@ -125,7 +128,7 @@ def find_inputs(
     if other_types:  # a scanner that writes "scan001" with no suffix would otherwise be ignored for ever
         log.info(
             "left alone %d files in the input folders whose names do not end as an image's or a PDF's "
-            "(see --help), e.g. %s", len(other_types), ", ".join(other_types[:3]),
+            "(see --help), e.g. %s", other_types, ", ".join(examples),
         )
     return files, problems
 

@@ -363,15 +363,20 @@ def _log_missing_annotations(decisions: list[Decision], options: Options) -> Non
     """
     if options.annotate_dir is None:
         return
+    try:  # one listing, not a stat per page: the folder may be on a network share
+        drawn = set(os.listdir(options.annotate_dir))
+    except OSError:
+        drawn = set()
     missing = sum(
         1 for d in decisions
         if not d.process and d.kind == "done" and d.previous is not None and d.previous.pages
-        and not all(annotation_path(options.annotate_dir, d.path, page).exists() for page in range(1, d.previous.pages + 1))
+        and not all(annotation_path(options.annotate_dir, d.path, page).name in drawn for page in range(1, d.previous.pages + 1))
     )
     if missing:
         log.info(
-            "%d files done before have no annotated page in %s (done without --annotate, or their pictures "
-            "were removed); they are not read again for it: --force redraws them", missing, options.annotate_dir,
+            "%d file%s done before %s no annotated page in %s (done without --annotate, or the pictures were "
+            "removed); not read again for it: --force redraws them",
+            missing, "s" if missing > 1 else "", "have" if missing > 1 else "has", options.annotate_dir,
         )
 
 

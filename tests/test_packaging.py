@@ -83,7 +83,7 @@ def env_without_tensorflow(tmp_path_factory) -> dict[str, str]:
     return env_without(tmp_path_factory, TRAINING_DISTRIBUTIONS)
 
 
-def run_without_tensorflow(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_with(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-S", "-m", "hwr_batch", *args]
     return subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True)
 
@@ -93,7 +93,7 @@ def test_process_runs_without_tensorflow(env_without_tensorflow, tmp_path):
         [sys.executable, "-S", "-c", "import tensorflow"], check=False, env=env_without_tensorflow, capture_output=True
     )
     assert blocked.returncode != 0  # the environment really has no TensorFlow
-    run = run_without_tensorflow(
+    run = run_with(
         env_without_tensorflow, "-q", "process", str(REPO / "samples" / "page_0001.png"), "-o", str(tmp_path / "out"), cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr
@@ -103,7 +103,7 @@ def test_process_runs_without_tensorflow(env_without_tensorflow, tmp_path):
 @pytest.mark.parametrize("command", ["train", "export-onnx"])
 def test_training_commands_say_how_to_install_the_training_extra(env_without_tensorflow, tmp_path, command):
     args = [command] if command == "train" else [command, str(REPO / "models" / "hwr-digits.keras")]
-    run = run_without_tensorflow(env_without_tensorflow, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    run = run_with(env_without_tensorflow, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 4, run.stderr
     assert f"`hwr-batch {command}` needs tensorflow and tf2onnx" in run.stderr
     assert "pip install 'hwr-batch[train]'" in run.stderr
@@ -113,7 +113,7 @@ def test_training_commands_say_how_to_install_the_training_extra(env_without_ten
 def test_review_says_how_to_install_the_review_extra(tmp_path_factory, tmp_path):
     env = env_without(tmp_path_factory, ("flask", "werkzeug"))
     (tmp_path / "out").mkdir()
-    run = run_without_tensorflow(env, "review", str(tmp_path / "out"), "--no-browser", cwd=tmp_path)
+    run = run_with(env, "review", str(tmp_path / "out"), "--no-browser", cwd=tmp_path)
     assert run.returncode == 4, run.stderr
     assert "`hwr-batch review` needs flask and werkzeug" in run.stderr
     assert "pip install 'hwr-batch[review]'" in run.stderr and "Traceback" not in run.stderr

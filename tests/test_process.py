@@ -246,7 +246,7 @@ def test_a_run_says_when_files_done_before_lack_their_annotations(tmp_path, cli)
     picture.unlink()
     result = cli("process", form, "--out", out, "--annotate", pages)
     assert result.returncode == 0, result.stderr
-    assert "1 files done before have no annotated page" in result.stderr and "--force redraws them" in result.stderr
+    assert "1 file done before has no annotated page" in result.stderr and "--force redraws them" in result.stderr
     assert not picture.exists()
     result = cli("process", form, "--out", out, "--annotate", pages, "--force")
     assert result.returncode == 0, result.stderr
