@@ -341,17 +341,12 @@ def _tables_to_update(
             out_dir = options.out_dir / f"run-{run_id:05d}-{suffix}"
         return replace(options, out_dir=out_dir), empty_tables(forms), decisions
     # cumulative: every file's latest rows, carried over from earlier runs
-    why = "tables deleted, cut short, or edited"
-    ours = output_paths(options.out_dir, options.fmt)["fields"]
-    others = [p for fmt in FORMATS if fmt != options.fmt for p in output_paths(options.out_dir, fmt).values() if p.exists()]
-    newest_other = max((p.stat().st_mtime for p in others), default=None)
-    if newest_other is not None and (not ours.exists() or ours.stat().st_mtime < newest_other):
-        # A switch of --format (or back): our own tables, if any, are older than the other format's, so
-        # they miss what the runs between read; they are rebuilt from the files, the others left as they are.
-        why = (f"the tables are now written as {options.fmt}; the {', '.join(sorted({p.name for p in others}))} "
-               "of earlier runs stay as they were and are no longer updated")
-        return options, empty_tables(forms), redo_files_whose_rows_do_not_match(empty_tables(forms), decisions, why=why)
     tables = read_tables(options.out_dir, options.fmt, forms)
+    why = "tables deleted, cut short, or edited"
+    others = [p for fmt in FORMATS if fmt != options.fmt for p in output_paths(options.out_dir, fmt).values()]
+    if not output_paths(options.out_dir, options.fmt)["fields"].exists() and any(p.exists() for p in others):
+        why = (f"the tables are now written as {options.fmt}; the {', '.join(sorted({p.name for p in others if p.exists()}))} "
+               "of earlier runs stay as they were and are no longer updated")
     return options, tables, redo_files_whose_rows_do_not_match(tables, decisions, why=why)
 
 
