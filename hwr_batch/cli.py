@@ -595,7 +595,7 @@ def learn(
     Writes OUT/hwr-digits.onnx (use it with `process --model`), its Keras twin, the training record and
     OUT/learn.json (base model, data, figures). Says plainly whether the new model is better.
     """
-    require_extra("learn", "train")
+    require_extra("learn", "train", "lightgbm", "onnxmltools")  # its calibration record
     if corrections.is_dir():
         corrections = corrections / "corrections.csv"
     from .learn import LearnConfig

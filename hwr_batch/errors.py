@@ -90,12 +90,13 @@ class MissingDependencyError(HwrError):
 
 
 # Modules of the optional extras (pyproject.toml) that a command needs; `process` and `evaluate` need none.
-EXTRA_MODULES = {"train": ("tensorflow", "tf2onnx", "lightgbm", "onnxmltools"), "review": ("flask", "werkzeug")}
+EXTRA_MODULES = {"train": ("tensorflow", "tf2onnx"), "review": ("flask", "werkzeug")}
 EXTRA_NAMES = {"train": "training", "review": "review"}
 
 
-def require_extra(command: str, extra: str) -> None:
-    """Raise a :class:`MissingDependencyError` saying how to install ``extra``, unless its modules are importable.
+def require_extra(command: str, extra: str, *also: str) -> None:
+    """Raise a :class:`MissingDependencyError` saying how to install ``extra``, unless its modules (and the
+    modules ``also`` named, of the same extra, that only this command needs) are importable.
 
     Call it at the top of every command that needs an extra (``train``, ``export-onnx`` and ``learn``
     the training extra; ``review`` the review extra), before anything is read or written. Only looks
@@ -104,7 +105,7 @@ def require_extra(command: str, extra: str) -> None:
     import importlib.util
 
     missing = []
-    for name in EXTRA_MODULES[extra]:
+    for name in (*EXTRA_MODULES[extra], *also):
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):  # a broken install, or a module blocked in sys.modules
@@ -113,7 +114,7 @@ def require_extra(command: str, extra: str) -> None:
             missing.append(name)
     if missing:
         raise MissingDependencyError(
-            f"`hwr-batch {command}` needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            f"`hwr-batch {command}` needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
             f"not installed (reading scans does not need {'it' if len(missing) == 1 else 'them'}). Install the "
             f"{EXTRA_NAMES[extra]} extra: pip install 'hwr-batch[{extra}]' (from a clone: pip install -e '.[{extra}]')"
         )

@@ -232,7 +232,9 @@ def check_annotation_folder(options: Options) -> None:
     annotations = Path(os.path.realpath(options.annotate_dir))
     for source in options.inputs:
         folder = Path(os.path.realpath(source))
-        if folder.is_dir() and (folder == annotations or annotations in folder.parents):
+        if not folder.is_dir():  # a file named: the pictures would land beside it, among the scans
+            folder = folder.parent
+        if folder == annotations or annotations in folder.parents:
             raise BadArgsError(
                 f"--annotate {options.annotate_dir}: the annotation folder is, or holds, the input folder {source}; "
                 "its pictures would be read as scans: choose a folder of their own (inside an input folder is fine)"
@@ -360,12 +362,15 @@ def _log_missing_annotations(decisions: list[Decision], options: Options) -> Non
         return
     try:  # one listing, not a stat per page: the folder may be on a network share
         drawn = set(os.listdir(options.annotate_dir))
-    except OSError:
-        drawn = set()
+        def is_drawn(path: Path) -> bool:
+            return path.name in drawn
+    except OSError:  # a folder that can be entered but not listed
+        def is_drawn(path: Path) -> bool:
+            return path.exists()
     missing = sum(
         1 for d in decisions
         if not d.process and d.kind == "done" and d.previous is not None and d.previous.pages
-        and not all(annotation_path(options.annotate_dir, d.path, page).name in drawn for page in range(1, d.previous.pages + 1))
+        and not all(is_drawn(annotation_path(options.annotate_dir, d.path, page)) for page in range(1, d.previous.pages + 1))
     )
     if missing:
         log.info(

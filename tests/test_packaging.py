@@ -105,7 +105,7 @@ def test_training_commands_say_how_to_install_the_training_extra(env_without_ten
     args = [command] if command == "train" else [command, str(REPO / "models" / "hwr-digits.keras")]
     run = run_with(env_without_tensorflow, *args, "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 4, run.stderr
-    assert f"`hwr-batch {command}` needs tensorflow and tf2onnx" in run.stderr
+    assert f"`hwr-batch {command}` needs tensorflow, tf2onnx" in run.stderr
     assert "pip install 'hwr-batch[train]'" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
 
@@ -115,5 +115,5 @@ def test_review_says_how_to_install_the_review_extra(tmp_path_factory, tmp_path)
     (tmp_path / "out").mkdir()
     run = run_with(env, "review", str(tmp_path / "out"), "--no-browser", cwd=tmp_path)
     assert run.returncode == 4, run.stderr
-    assert "`hwr-batch review` needs flask and werkzeug" in run.stderr
+    assert "`hwr-batch review` needs flask, werkzeug" in run.stderr
     assert "pip install 'hwr-batch[review]'" in run.stderr and "Traceback" not in run.stderr

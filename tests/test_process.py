@@ -229,8 +229,9 @@ def test_annotations_inside_an_input_folder_are_never_read_as_scans(tmp_path, cl
     after = read_tables(tmp_path / "out")["fields"]
     assert set(after["file"]) == set(before["file"]) and len(after) == len(before)
     assert "holds annotated pages an earlier run wrote" in result.stderr
-    for folder in (inbox, tmp_path):  # the input folder itself, or a folder holding it: refused before any work
-        refused = cli("process", inbox, "--out", tmp_path / "out2", "--annotate", folder)
+    for source, folder in ((inbox, inbox), (inbox, tmp_path), (inbox / "page_0001.png", inbox)):
+        # the input folder itself, a folder holding it, a file's own folder: refused before any work
+        refused = cli("process", source, "--out", tmp_path / "out2", "--annotate", folder)
         assert refused.returncode == ExitCode.bad_args and "its pictures would be read as scans" in refused.stderr
         assert not (folder / OWN_FOLDER_MARKER).exists() and not (tmp_path / "out2").exists()
 
