@@ -481,7 +481,6 @@ def regular_cells(cells: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], 
         k = round(ratio)
         if k < 1 or abs(ratio - k) > 0.2:
             return ()
-        k = max(1, k)
         edges = np.linspace(x0, x1, k + 1).round().astype(int)
         out.extend((int(a), int(b)) for a, b in itertools.pairwise(edges))
     return tuple(out)

@@ -344,12 +344,12 @@ def _tables_to_update(
         return replace(options, out_dir=out_dir), empty_tables(forms), decisions
     # cumulative: every file's latest rows, carried over from earlier runs
     tables = read_tables(options.out_dir, options.fmt, forms)
-    why = "tables deleted, cut short, or edited"
-    others = [p for fmt in FORMATS if fmt != options.fmt for p in output_paths(options.out_dir, fmt).values()]
-    if not output_paths(options.out_dir, options.fmt)["fields"].exists() and any(p.exists() for p in others):
-        why = (f"the tables are now written as {options.fmt}; the {', '.join(sorted({p.name for p in others if p.exists()}))} "
+    others = {p.name for fmt in FORMATS if fmt != options.fmt for p in output_paths(options.out_dir, fmt).values() if p.exists()}
+    if others and not output_paths(options.out_dir, options.fmt)["fields"].exists():  # a switch of --format
+        why = (f"the tables are now written as {options.fmt}; the {', '.join(sorted(others))} "
                "of earlier runs stay as they were and are no longer updated")
-    return options, tables, redo_files_whose_rows_do_not_match(tables, decisions, why=why)
+        return options, tables, redo_files_whose_rows_do_not_match(tables, decisions, why=why)
+    return options, tables, redo_files_whose_rows_do_not_match(tables, decisions)
 
 
 def _log_missing_annotations(decisions: list[Decision], options: Options) -> None:
@@ -361,12 +361,13 @@ def _log_missing_annotations(decisions: list[Decision], options: Options) -> Non
     if options.annotate_dir is None:
         return
     try:  # one listing, not a stat per page: the folder may be on a network share
-        drawn = set(os.listdir(options.annotate_dir))
-        def is_drawn(path: Path) -> bool:
-            return path.name in drawn
-    except OSError:  # a folder that can be entered but not listed
-        def is_drawn(path: Path) -> bool:
-            return path.exists()
+        drawn: set[str] | None = set(os.listdir(options.annotate_dir))
+    except OSError:  # a folder that can be entered but not listed: a stat per page
+        drawn = None
+
+    def is_drawn(path: Path) -> bool:
+        return path.exists() if drawn is None else path.name in drawn
+
     missing = sum(
         1 for d in decisions
         if not d.process and d.kind == "done" and d.previous is not None and d.previous.pages
